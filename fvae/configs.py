@@ -1,0 +1,189 @@
+"""The base config every experiment starts from, and its validation.
+
+Experiment files in `experiments/` call `get_base_config()` and change only what
+differs. The returned config is locked: assigning a key that does not exist raises at
+once, so a typo in an experiment file or on the command line cannot be silently
+ignored. `validate` checks values before any data is loaded or any step is run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+LIKELIHOODS = ("bce", "mse")
+REDUCTIONS = ("sum", "mean")
+MODELS = ("conv", "keras")
+BETA_SCHEDULES = ("constant", "linear", "cyclical")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
+DATA_SOURCES = ("idx", "tfds")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the fix."""
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every experiment: the study's high-capacity VAE with BCE."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "idx"  # 'idx' (the four original .gz files) or 'tfds'
+    c.data.dir = config_dict.placeholder(str)  # None: $FVAE_DATA_DIR or ~/.cache/fvae
+    c.data.download = True  # fetch missing files from the official source
+    c.data.verify_checksums = True  # check the published md5 of each file
+    c.data.limit_train = 0  # >0: use only the first N training images
+    c.data.limit_test = 0  # >0: use only the first N test images
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "conv"  # 'conv' (the study's model) or 'keras' (the small one)
+    c.model.latent_dim = 32
+    c.model.encoder_widths = (32, 64, 128)
+    c.model.encoder_strides = (2, 2, 1)
+    c.model.encoder_dense = 256
+    c.model.decoder_widths = (128, 64, 32)  # Dense(7*7*w0), then upsample to w1, w2
+    c.model.num_res_blocks = 2
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.likelihood = "bce"  # 'bce' (Bernoulli, summed) or 'mse'
+    c.loss.reduction = "sum"  # for mse: 'sum' or 'mean' over pixels
+    c.loss.beta = 1.0
+    c.loss.beta_schedule = "constant"  # 'constant', 'linear' or 'cyclical'
+    c.loss.beta_start = 0.0  # first value of a linear or cyclical schedule
+    c.loss.warmup_steps = 0  # linear: steps to reach beta
+    c.loss.warmup_epochs = 0.0  # alternative to warmup_steps, in epochs
+    c.loss.cycle_steps = 0  # cyclical: length of one cycle (0: a quarter of training)
+    c.loss.cycle_ratio = 0.5  # cyclical: fraction of a cycle spent ramping up
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"
+    c.optim.learning_rate = 1e-3
+    c.optim.lr_schedule = "constant"  # 'constant', 'cosine' or 'warmup_cosine'
+    c.optim.lr_warmup_steps = 0
+    c.optim.weight_decay = 0.0  # adamw only
+    c.optim.grad_clip_norm = 0.0  # >0: clip gradients by global norm
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128
+    c.train.num_epochs = 10
+    c.train.num_steps = 0  # >0: train this many steps instead of num_epochs
+    c.train.eval_batch_size = 1000
+    c.train.steps_per_dispatch = 0  # steps per compiled call; 0: per-platform default
+    c.train.log_every_steps = 50  # progress-bar refresh
+    c.train.progress_bar = True
+    c.train.num_figure_images = 16
+
+    return c.lock()
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Runs an experiment file's get_config() (what --config does on the command line)."""
+    spec = importlib.util.spec_from_file_location("fvae_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _fail(key: str, value, expected: str) -> None:
+    raise ConfigError(f"config.{key}={value!r} is invalid: expected {expected}. "
+                      f"Fix it in the experiment file or override with --config.{key}=...")
+
+
+def _check_in(config, key: str, choices) -> None:
+    value = _get(config, key)
+    if value not in choices:
+        _fail(key, value, f"one of {', '.join(map(repr, choices))}")
+
+
+def _check_min(config, key: str, minimum, integer: bool = False) -> None:
+    value = _get(config, key)
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        _fail(key, value, f"an integer >= {minimum}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
+        _fail(key, value, f"a number >= {minimum}")
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _flat_keys(config, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in config.items():
+        full = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            keys |= _flat_keys(v, full + ".")
+        else:
+            keys.add(full)
+    return keys
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raises ConfigError naming the first bad key; returns the config unchanged."""
+    unknown = sorted(_flat_keys(config) - _flat_keys(get_base_config()))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. "
+                          "Check the spelling against fvae/configs.py:get_base_config().")
+    _check_in(config, "data.source", DATA_SOURCES)
+    _check_min(config, "data.limit_train", 0, integer=True)
+    _check_min(config, "data.limit_test", 0, integer=True)
+    _check_in(config, "model.name", MODELS)
+    _check_min(config, "model.latent_dim", 1, integer=True)
+    _check_min(config, "model.num_res_blocks", 0, integer=True)
+    for key in ("model.encoder_widths", "model.decoder_widths"):
+        widths = _get(config, key)
+        if len(widths) != 3 or any(int(w) < 1 for w in widths):
+            _fail(key, widths, "three positive integers")
+    if any(s not in (1, 2) for s in config.model.encoder_strides) or \
+            len(config.model.encoder_strides) != 3 or \
+            list(config.model.encoder_strides).count(2) != 2:
+        _fail("model.encoder_strides", config.model.encoder_strides,
+              "three strides, two of them 2 and one 1 (28x28 -> 7x7)")
+    _check_min(config, "model.encoder_dense", 1, integer=True)
+    _check_in(config, "loss.likelihood", LIKELIHOODS)
+    _check_in(config, "loss.reduction", REDUCTIONS)
+    if config.loss.likelihood == "bce" and config.loss.reduction != "sum":
+        _fail("loss.reduction", config.loss.reduction,
+              "'sum' for the bce likelihood (a Bernoulli log-likelihood sums over pixels)")
+    _check_min(config, "loss.beta", 0.0)
+    _check_min(config, "loss.beta_start", 0.0)
+    _check_in(config, "loss.beta_schedule", BETA_SCHEDULES)
+    _check_min(config, "loss.warmup_steps", 0, integer=True)
+    _check_min(config, "loss.warmup_epochs", 0.0)
+    _check_min(config, "loss.cycle_steps", 0, integer=True)
+    if not 0.0 < config.loss.cycle_ratio <= 1.0:
+        _fail("loss.cycle_ratio", config.loss.cycle_ratio, "a number in (0, 1]")
+    _check_in(config, "optim.name", OPTIMIZERS)
+    if not config.optim.learning_rate > 0:
+        _fail("optim.learning_rate", config.optim.learning_rate, "a number > 0")
+    _check_in(config, "optim.lr_schedule", LR_SCHEDULES)
+    _check_min(config, "optim.lr_warmup_steps", 0, integer=True)
+    _check_min(config, "optim.weight_decay", 0.0)
+    _check_min(config, "optim.grad_clip_norm", 0.0)
+    _check_min(config, "train.batch_size", 1, integer=True)
+    _check_min(config, "train.num_epochs", 0, integer=True)
+    _check_min(config, "train.num_steps", 0, integer=True)
+    if config.train.num_epochs == 0 and config.train.num_steps == 0:
+        _fail("train.num_epochs", 0, "num_epochs >= 1 or num_steps >= 1")
+    _check_min(config, "train.eval_batch_size", 1, integer=True)
+    _check_min(config, "train.steps_per_dispatch", 0, integer=True)
+    _check_min(config, "train.log_every_steps", 1, integer=True)
+    _check_min(config, "train.num_figure_images", 1, integer=True)
+    return config
+
+
+def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> None:
+    """Checks the values that depend on the data, before the first step."""
+    if config.train.batch_size > num_train:
+        _fail("train.batch_size", config.train.batch_size,
+              f"at most the number of training images ({num_train}); lower it or raise "
+              "data.limit_train")

@@ -1,0 +1,221 @@
+"""Fashion-MNIST as uint8 arrays, read from the four original IDX .gz files.
+
+The files are checked against their published md5s before they are parsed, so a
+corrupt or truncated download is rejected instead of half-used. Missing files are
+fetched from the official source; without a network the fetch fails within seconds
+with a message saying how to point `data.dir` at local copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import pathlib
+import shutil
+import socket
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+DATA_DIR_ENV = "FVAE_DATA_DIR"
+DOWNLOAD_TIMEOUT_S = 10.0
+
+# name -> md5 of the .gz file, as published by Zalando Research.
+FILES = {
+    "train_images": ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    "train_labels": ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+    "test_images": ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+    "test_labels": ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+}
+
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+class DataError(RuntimeError):
+    """The data is missing, corrupt or unreachable; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Images as uint8 [N, 28, 28] and labels as uint8 [N], for both splits."""
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def default_data_dir() -> pathlib.Path:
+    """$FVAE_DATA_DIR if set, else a per-user cache directory."""
+    if os.environ.get(DATA_DIR_ENV):
+        return pathlib.Path(os.environ[DATA_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return pathlib.Path(cache).expanduser() / "fvae" / "fashion_mnist"
+
+
+def md5sum(path: pathlib.Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_idx(raw: bytes, name: str = "file") -> np.ndarray:
+    """Decodes an uncompressed IDX byte string (uint8 data) to an array."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{name} is not an IDX file (bad magic number).")
+    dtype_code, ndim = raw[2], raw[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{name} holds IDX type 0x{dtype_code:02x}; only uint8 (0x08) "
+                        "is supported.")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{name} is truncated: its header is incomplete.")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(shape, dtype=np.int64))
+    if len(raw) != expected:
+        raise DataError(f"{name} has {len(raw)} bytes but its header {shape} implies "
+                        f"{expected}: the file is truncated or corrupt. Delete it and "
+                        "fetch it again.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx_gz(path: pathlib.Path) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path} is not a readable gzip file ({e}): it is truncated or "
+                        "corrupt. Delete it and fetch it again.") from e
+    return parse_idx(raw, str(path))
+
+
+def _no_data_message(data_dir: pathlib.Path, reason: str) -> str:
+    return (f"Fashion-MNIST is not available in {data_dir} ({reason}). Put the four "
+            f"original files ({', '.join(f for f, _ in FILES.values())}) in a "
+            f"directory and point fvae at it with --config.data.dir=DIR or "
+            f"{DATA_DIR_ENV}=DIR.")
+
+
+def download(filename: str, md5: str | None, data_dir: pathlib.Path,
+             base_url: str = BASE_URL, timeout: float = DOWNLOAD_TIMEOUT_S) -> pathlib.Path:
+    """Fetches one file into data_dir atomically; the checksum is checked before use."""
+    from tqdm.auto import tqdm
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    target = data_dir / filename
+    url = base_url + filename
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tempfile.NamedTemporaryFile(dir=data_dir, delete=False,
+                                             suffix=".part") as tmp, \
+                    tqdm(total=total, unit="B", unit_scale=True, desc=filename,
+                         leave=False) as bar:
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    tmp.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
+        raise DataError(_no_data_message(data_dir, f"downloading {url} failed: {e}")) from e
+    part = pathlib.Path(tmp.name)
+    if md5 is not None and md5sum(part) != md5:
+        part.unlink()
+        raise DataError(f"the download of {url} has the wrong checksum; try again later "
+                        "or fetch the file by hand.")
+    os.replace(part, target)
+    return target
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *,
+                       allow_download: bool = True, verify_checksums: bool = True,
+                       base_url: str = BASE_URL,
+                       checksums: dict[str, str] | None = None) -> Dataset:
+    """Loads both splits, fetching missing files when allowed.
+
+    `checksums` maps file names to md5s and replaces the published ones (for tests).
+    """
+    data_dir = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
+    arrays = {}
+    for key, (filename, published_md5) in FILES.items():
+        md5 = (checksums or {}).get(filename, published_md5) if verify_checksums else None
+        path = data_dir / filename
+        if not path.exists():
+            if not allow_download:
+                raise DataError(_no_data_message(data_dir, f"{filename} is missing and "
+                                                 "data.download is off"))
+            path = download(filename, md5, data_dir, base_url)
+        if md5 is not None and (actual := md5sum(path)) != md5:
+            raise DataError(f"{path} has md5 {actual}, but the published file has {md5}: "
+                            "it is corrupt or truncated. Delete it so it is fetched again, "
+                            "or replace it with an original copy.")
+        arrays[key] = read_idx_gz(path)
+    dataset = Dataset(**arrays)
+    _check_consistent(dataset, data_dir)
+    return dataset
+
+
+def _check_consistent(ds: Dataset, data_dir: pathlib.Path) -> None:
+    for split in ("train", "test"):
+        images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise DataError(f"{split} images in {data_dir} have shape {images.shape}, "
+                            "expected [N, 28, 28].")
+        if labels.shape != (images.shape[0],):
+            raise DataError(f"{split} labels in {data_dir} have shape {labels.shape}, "
+                            f"expected [{images.shape[0]}] to match the images.")
+
+
+def load_tfds(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Loads Fashion-MNIST through tensorflow-datasets (the `tfds` extra).
+
+    The local IDX files, when present, are registered as TFDS's download cache, so
+    this works offline from the same directory as the 'idx' source.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError("data.source='tfds' needs tensorflow-datasets: "
+                        "pip install -e '.[tfds]'") from e
+    local = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
+    builder = tfds.builder("fashion_mnist", data_dir=str(local / "tfds"))
+    download_dir = local / "tfds" / "downloads"
+    download_dir.mkdir(parents=True, exist_ok=True)
+    for filename, _ in FILES.values():
+        if (local / filename).exists() and not (download_dir / filename).exists():
+            shutil.copyfile(local / filename, download_dir / filename)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(local), download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    splits = {}
+    for split in ("train", "test"):
+        ds = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        splits[f"{split}_images"] = ds["image"][..., 0].astype(np.uint8)
+        splits[f"{split}_labels"] = ds["label"].astype(np.uint8)
+    return Dataset(**splits)
+
+
+def load(config) -> Dataset:
+    """Loads the dataset the config's `data` block describes, limits applied."""
+    if config.data.source == "tfds":
+        ds = load_tfds(config.data.dir)
+    else:
+        ds = load_fashion_mnist(config.data.dir, allow_download=config.data.download,
+                                verify_checksums=config.data.verify_checksums)
+    n_train = config.data.limit_train or len(ds.train_images)
+    n_test = config.data.limit_test or len(ds.test_images)
+    return Dataset(ds.train_images[:n_train], ds.train_labels[:n_train],
+                   ds.test_images[:n_test], ds.test_labels[:n_test])
+
+
+def write_idx_gz(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes a uint8 array as a gzipped IDX file (for tests and tools)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())

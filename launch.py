@@ -1,0 +1,32 @@
+"""Train a VAE from one config file.
+
+    python launch.py --config experiments/sharp_bce.py --workdir runs/sharp_bce
+    python launch.py --config experiments/mse_dh2.py --config.model.latent_dim=32 ...
+
+Flags only; everything else is in the config (see fvae/configs.py).
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fvae import configs, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for this run's config, metrics, "
+                    "checkpoints and figures.")
+flags.DEFINE_enum("mode", "train", ["train"], "What to do with the run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.INFO)
+    config = configs.validate(FLAGS.config)
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,47 @@
+import pathlib
+
+import pytest
+from fvae import configs, train
+
+EXPERIMENTS = sorted((pathlib.Path(__file__).parent.parent / "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_is_valid(path):
+    config = configs.load_config_file(path)
+    configs.validate(config)
+    assert config.name == path.stem
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("loss.likelihood", "laplace", "loss.likelihood"),
+    ("loss.beta", -0.1, "loss.beta"),
+    ("model.latent_dim", 0, "model.latent_dim"),
+    ("model.name", "resnet", "model.name"),
+    ("optim.learning_rate", 0.0, "optim.learning_rate"),
+    ("loss.reduction", "mean", "loss.reduction"),  # mean-reduced BCE is not a likelihood
+    ("train.batch_size", 0, "train.batch_size"),
+])
+def test_bad_values_name_the_key(key, value, match):
+    config = configs.get_base_config()
+    section, field = key.split(".")
+    config[section][field] = value
+    with pytest.raises(configs.ConfigError, match=match):
+        configs.validate(config)
+
+
+def test_unknown_keys_fail():
+    config = configs.get_base_config()
+    with pytest.raises(AttributeError, match="latent_dims"):
+        config.model.latent_dims = 3  # locked: a typo cannot add a key
+    unlocked = configs.get_base_config().unlock()
+    unlocked.model.latent_dims = 3
+    with pytest.raises(configs.ConfigError, match="model.latent_dims"):
+        configs.validate(unlocked)
+
+
+def test_batch_larger_than_data_fails_before_training(make_config, tmp_path):
+    config = make_config(**{"train.batch_size": 512})  # the tiny set has 256 images
+    with pytest.raises(configs.ConfigError, match="train.batch_size"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

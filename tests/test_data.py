@@ -1,0 +1,98 @@
+import functools
+import gzip
+import http.server
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import write_dataset
+from fvae import data
+
+
+def test_idx_roundtrip(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (7, 28, 28)).astype(np.uint8)
+    data.write_idx_gz(tmp_path / "x.gz", array)
+    np.testing.assert_array_equal(data.read_idx_gz(tmp_path / "x.gz"), array)
+
+
+def test_loads_with_checksums(tmp_path):
+    checksums = write_dataset(tmp_path)
+    ds = data.load_fashion_mnist(tmp_path, allow_download=False, checksums=checksums)
+    assert ds.train_images.shape == (256, 28, 28) and ds.train_images.dtype == np.uint8
+    assert ds.test_labels.shape == (64,)
+
+
+def test_published_checksums_reject_other_files(tmp_path):
+    write_dataset(tmp_path)
+    with pytest.raises(data.DataError, match="corrupt or truncated"):
+        data.load_fashion_mnist(tmp_path, allow_download=False)
+
+
+def test_truncated_file_is_rejected(tmp_path):
+    checksums = write_dataset(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-500])
+    with pytest.raises(data.DataError, match="corrupt or truncated"):
+        data.load_fashion_mnist(tmp_path, allow_download=False, checksums=checksums)
+    # Without checksums the decoder still refuses it.
+    with pytest.raises(data.DataError, match="truncated or corrupt"):
+        data.load_fashion_mnist(tmp_path, allow_download=False, verify_checksums=False)
+
+
+def test_idx_length_mismatch_is_rejected(tmp_path):
+    path = tmp_path / "bad.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + (5).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+                + bytes(100))
+    with pytest.raises(data.DataError, match="truncated or corrupt"):
+        data.read_idx_gz(path)
+
+
+def test_missing_files_without_download_say_how_to_fix(tmp_path):
+    with pytest.raises(data.DataError, match="data.dir"):
+        data.load_fashion_mnist(tmp_path / "empty", allow_download=False)
+
+
+def test_no_network_fails_fast(tmp_path):
+    # Port 9 on loopback refuses the connection at once, like an offline machine.
+    start = time.time()
+    with pytest.raises(data.DataError, match="--config.data.dir"):
+        data.load_fashion_mnist(tmp_path, base_url="http://127.0.0.1:9/")
+    assert time.time() - start < 10
+    assert not list(tmp_path.glob("*.gz")), "no partial file may be left behind"
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    served = tmp_path / "served"
+    checksums = write_dataset(served)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", checksums
+    server.shutdown()
+
+
+def test_download_fetches_and_verifies(tmp_path, file_server):
+    url, checksums = file_server
+    ds = data.load_fashion_mnist(tmp_path / "cache", base_url=url, checksums=checksums)
+    assert ds.train_images.shape == (256, 28, 28)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        f for f, _ in data.FILES.values())
+
+
+def test_download_with_wrong_checksum_keeps_nothing(tmp_path, file_server):
+    url, checksums = file_server
+    bad = {name: "0" * 32 for name in checksums}
+    with pytest.raises(data.DataError, match="wrong checksum"):
+        data.load_fashion_mnist(tmp_path / "cache", base_url=url, checksums=bad)
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_default_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    assert data.default_data_dir() == tmp_path

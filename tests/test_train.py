@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from fvae import train
+from fvae.writer import read_metrics
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def params_equal(a, b):
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def test_training_lowers_the_test_loss_and_writes_the_run(make_config, tmp_path):
+    config = make_config(**{"train.num_epochs": 4})
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 4 * (256 // 32)
+    records = read_metrics(tmp_path)
+    test = [r for r in records if r["split"] == "test"]
+    assert [r["epoch"] for r in test] == [1, 2, 3, 4]
+    losses = [r["loss"] for r in test]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # falls every epoch
+    assert losses[-1] < losses[0] - 40, losses  # by a clear margin (noise floor ~380)
+    for r in records:
+        assert {"split", "epoch", "step", "wall_time", "loss", "recon", "kl", "beta",
+                "elbo"} <= set(r)
+    assert all(r["images_per_sec"] > 0 for r in records if r["split"] == "train")
+    assert json.loads((tmp_path / "config.json").read_text())["name"] == "tiny"
+    for name in ("reconstructions.png", "samples.png"):
+        assert (tmp_path / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_same_parameters_other_seed_other(make_config, tmp_path):
+    a = train.train_and_evaluate(make_config(), str(tmp_path / "a"))
+    b = train.train_and_evaluate(make_config(), str(tmp_path / "b"))
+    c = train.train_and_evaluate(make_config(seed=1), str(tmp_path / "c"))
+    assert params_equal(a.params, b.params)
+    assert not params_equal(a.params, c.params)
+    assert read_metrics(tmp_path / "a")[-1]["loss"] == read_metrics(tmp_path / "b")[-1]["loss"]
+
+
+def test_steps_per_dispatch_does_not_change_the_result(make_config, tmp_path):
+    one = train.train_and_evaluate(make_config(**{"train.steps_per_dispatch": 1}),
+                                   str(tmp_path / "one"))
+    # 3 does not divide the 8 steps of an epoch: chunks of 3, 3, 2 per epoch.
+    three = train.train_and_evaluate(make_config(**{"train.steps_per_dispatch": 3}),
+                                     str(tmp_path / "three"))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
+                 one.params, three.params)
+
+
+def test_num_steps_overrides_epochs_and_warmup_reaches_beta(make_config, tmp_path):
+    config = make_config(**{"train.num_steps": 12, "loss.beta": 0.5,
+                            "loss.beta_schedule": "linear", "loss.warmup_steps": 6})
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 12
+    test = [r for r in read_metrics(tmp_path) if r["split"] == "test"]
+    assert [r["step"] for r in test] == [8, 12]
+    assert test[-1]["beta"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.name": "keras"},
+    {"loss.likelihood": "mse", "loss.reduction": "mean"},
+    {"optim.lr_schedule": "warmup_cosine", "optim.lr_warmup_steps": 2,
+     "optim.grad_clip_norm": 1.0, "loss.beta_schedule": "cyclical"},
+])
+def test_other_models_and_options_train(make_config, tmp_path, overrides):
+    config = make_config(**{"train.num_epochs": 1, **overrides})
+    train.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(read_metrics(tmp_path)[-1]["loss"])
+
+
+def test_non_finite_loss_stops_with_the_step_named(make_config, tmp_path):
+    config = make_config(**{"optim.learning_rate": 1e12, "optim.name": "sgd",
+                            "train.log_every_steps": 1})
+    with pytest.raises(train.NonFiniteLossError, match=r"step \d+: .*loss="):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def run_launch(*args):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_launch_trains_with_command_line_overrides(tiny_data_dir, tmp_path):
+    result = run_launch(
+        "--config", "experiments/keras_dh2.py", "--workdir", str(tmp_path),
+        f"--config.data.dir={tiny_data_dir}", "--config.data.verify_checksums=False",
+        "--config.train.num_steps=4", "--config.train.batch_size=32",
+        "--config.train.progress_bar=False")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["name"] == "keras" and saved["train"]["num_steps"] == 4
+    assert read_metrics(tmp_path)[-1]["step"] == 4
+
+
+def test_launch_rejects_unknown_keys_and_bad_values(tmp_path):
+    result = run_launch("--config", "experiments/sharp_bce.py", "--workdir", str(tmp_path),
+                        "--config.model.latent_dims=3")
+    assert result.returncode != 0 and "latent_dims" in result.stderr
+    result = run_launch("--config", "experiments/sharp_bce.py", "--workdir", str(tmp_path),
+                        "--config.loss.beta=-1")
+    assert result.returncode != 0 and "config.loss.beta=-1" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
