@@ -6,6 +6,9 @@
 Flags only; everything else is in the config (see fvae/configs.py).
 """
 
+import logging as std_logging
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -19,13 +22,26 @@ flags.DEFINE_enum("mode", "train", ["train"], "What to do with the run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class OwnInfoOnly(std_logging.Filter):
+    """INFO lines from fvae only; warnings and errors from every library."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "fvae" in record.pathname \
+            or record.pathname.endswith("launch.py")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(OwnInfoOnly())
     config = configs.validate(FLAGS.config)
     if FLAGS.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
+        try:
+            train.train_and_evaluate(config, FLAGS.workdir)
+        except train.TrainingInterrupted as e:
+            logging.warning("%s", e)
+            sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

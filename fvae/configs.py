@@ -78,6 +78,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.log_every_steps = 50  # progress-bar refresh
     c.train.progress_bar = True
     c.train.num_figure_images = 16
+    c.train.on_nonfinite = "stop"  # 'stop' with an error, or 'skip' the step and count it
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.enabled = True
+    c.checkpoint.every_steps = 0  # 0: at the end of every epoch (and of training)
+    c.checkpoint.keep = 3  # latest checkpoints kept; the best by test ELBO is kept apart
+    c.checkpoint.async_save = True
 
     return c.lock()
 
@@ -178,6 +185,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_min(config, "train.steps_per_dispatch", 0, integer=True)
     _check_min(config, "train.log_every_steps", 1, integer=True)
     _check_min(config, "train.num_figure_images", 1, integer=True)
+    _check_in(config, "train.on_nonfinite", ("stop", "skip"))
+    _check_min(config, "checkpoint.every_steps", 0, integer=True)
+    _check_min(config, "checkpoint.keep", 1, integer=True)
     return config
 
 

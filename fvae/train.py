@@ -15,6 +15,8 @@ import functools
 import logging
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -25,7 +27,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from fvae import configs, data, losses, models, plots
+from flax import serialization
+
+from fvae import checkpoint, configs, data, losses, models, plots
 from fvae.writer import MetricsWriter
 
 Metrics = dict[str, jax.Array]
@@ -97,9 +101,18 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.VAE,
                              tx=make_optimizer(config.optim, total_steps))
 
 
+TRAIN_METRICS = ("loss", "recon", "kl", "beta", "elbo", "grad_norm", "skipped")
+
+
 def make_train_step(model: models.VAE, loss_config: ml_collections.ConfigDict,
-                    beta_schedule: Callable[[jax.Array], jax.Array]):
-    """Returns the pure train_step(state, batch, key) -> (state, metrics)."""
+                    beta_schedule: Callable[[jax.Array], jax.Array],
+                    skip_nonfinite: bool = False):
+    """Returns the pure train_step(state, batch, key) -> (state, metrics).
+
+    With `skip_nonfinite`, a step whose loss or gradient is not finite leaves the
+    parameters and optimizer state unchanged (the step counter still advances, so
+    data order and keys stay those of an uninterrupted run) and counts as `skipped`.
+    """
 
     def train_step(state: TrainState, batch: jax.Array, key: jax.Array):
         x = models.to_float(batch)
@@ -111,7 +124,15 @@ def make_train_step(model: models.VAE, loss_config: ml_collections.ConfigDict,
 
         grads, parts = jax.grad(loss_fn, has_aux=True)(state.params)
         parts["grad_norm"] = optax.tree.norm(grads)
-        return state.apply_gradients(grads=grads), parts
+        new_state = state.apply_gradients(grads=grads)
+        parts["skipped"] = jnp.zeros((), jnp.float32)
+        if skip_nonfinite:
+            ok = jnp.isfinite(parts["loss"]) & jnp.isfinite(parts["grad_norm"])
+            new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
+                                     state.replace(step=state.step + 1))
+            parts = {k: jnp.where(ok, v, 0.0) for k, v in parts.items()}
+            parts["skipped"] = 1.0 - ok.astype(jnp.float32)
+        return new_state, parts
 
     return train_step
 
@@ -164,6 +185,58 @@ def make_train_chunk(train_step, batch_size: int, steps_per_epoch: int):
     return train_chunk
 
 
+def zero_metrics() -> Metrics:
+    return {name: jnp.zeros((), jnp.float32) for name in TRAIN_METRICS}
+
+
+def mean_metrics(sums: Metrics, num_steps: int) -> dict[str, float]:
+    """Per-step means of summed train metrics, over the steps that were not skipped."""
+    sums = {k: float(v) for k, v in sums.items()}
+    skipped = sums.pop("skipped")
+    counted = num_steps - skipped
+    means = {k: (v / counted if counted else float("nan")) for k, v in sums.items()}
+    return {**means, "skipped": int(skipped)}
+
+
+def chunk_length(step: int, epoch_start: int, epoch_end: int, per_dispatch: int) -> int:
+    """Steps in the next compiled call; chunks are aligned to the epoch start so a
+    resumed run (which always resumes at a chunk boundary) chunks the same way."""
+    return min(per_dispatch - (step - epoch_start) % per_dispatch, epoch_end - step)
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped training after a checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, saved: bool):
+        self.signum, self.step, self.saved = signum, step, saved
+        how = ("a checkpoint was saved; rerun the same command to resume" if saved else
+               "checkpointing is off, so this progress is lost")
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: {how}.")
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag checked between steps; a second signal of the
+    same kind acts as usual (a second Ctrl-C raises KeyboardInterrupt at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def default_steps_per_dispatch(steps_per_epoch: int) -> int:
     """One step per call on CPU (measured faster there); a whole epoch elsewhere."""
     return 1 if jax.default_backend() == "cpu" else steps_per_epoch
@@ -187,13 +260,16 @@ def evaluate(eval_step, params, images: np.ndarray, batch_size: int, key: jax.Ar
     return {name: float(value) / count for name, value in totals.items()}
 
 
-def check_finite(metrics: dict[str, float], step: int) -> None:
+def check_finite(metrics: dict[str, float], step: int, params=None) -> None:
     """Raises NonFiniteLossError naming the step and every loss part."""
-    if not all(math.isfinite(v) for v in metrics.values()):
+    finite_params = params is None or bool(jnp.isfinite(optax.tree.norm(params)))
+    if not finite_params or not all(math.isfinite(v) for v in metrics.values()):
         parts = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         raise NonFiniteLossError(
-            f"non-finite loss by step {step}: {parts}. Lower optim.learning_rate or set "
-            "optim.grad_clip_norm; the last good checkpoint is kept.")
+            f"non-finite loss by step {step}: {parts}"
+            f"{'' if finite_params else ' (and non-finite parameters)'}. Lower "
+            "optim.learning_rate, set optim.grad_clip_norm, or set "
+            "train.on_nonfinite='skip'; the last good checkpoint is kept.")
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -225,17 +301,39 @@ def save_figures(model, params, config, dataset: data.Dataset, keys: RunKeys,
                       title=f"{config.name}: samples from the prior")
 
 
+def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+    """Creates the workdir and checks it is writable, before any work is done."""
+    workdir = pathlib.Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise checkpoint.CheckpointError(
+            f"the workdir {workdir} is not writable ({e}). Choose another --workdir.") from e
+    return workdir
+
+
+def abstract_checkpoint_tree(config: ml_collections.ConfigDict, model: models.VAE):
+    """A tree shaped like a checkpoint of this config (the target for restoring)."""
+    state = jax.eval_shape(lambda k: create_train_state(config, model, k, 1),
+                           jax.random.key(0))
+    zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
+    return checkpoint.state_tree(jax.tree.map(zeros, state), zero_metrics())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains the config's model, evaluating on the test split after every epoch.
 
-    Writes workdir/config.json, workdir/metrics.jsonl (one line per epoch and split)
-    and workdir/figures/{reconstructions,samples}.png; returns the final state.
+    Writes workdir/config.json, workdir/metrics.jsonl (one line per epoch and split),
+    checkpoints under workdir/checkpoints/ and workdir/figures/*.png. Resumes from the
+    latest checkpoint in workdir if there is one. Returns the final state.
     """
     configs.validate(config)
-    workdir = pathlib.Path(workdir)
+    workdir = prepare_workdir(workdir)
     dataset = data.load(config)
     configs.check_against_data(config, len(dataset.train_images))
-    write_config(config, workdir)
 
     schedule = Schedule.from_config(config, len(dataset.train_images))
     keys = RunKeys.from_seed(config.seed)
@@ -243,50 +341,91 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state = create_train_state(config, model, keys.init, schedule.total_steps)
     beta_schedule = losses.make_beta_schedule(config.loss, schedule.steps_per_epoch,
                                               schedule.total_steps)
-    train_chunk = make_train_chunk(make_train_step(model, config.loss, beta_schedule),
-                                   config.train.batch_size, schedule.steps_per_epoch)
+    train_step = make_train_step(model, config.loss, beta_schedule,
+                                 skip_nonfinite=config.train.on_nonfinite == "skip")
+    train_chunk = make_train_chunk(train_step, config.train.batch_size,
+                                   schedule.steps_per_epoch)
     eval_step = jax.jit(make_eval_step(model, config.loss))
     per_dispatch = config.train.steps_per_dispatch or \
         default_steps_per_dispatch(schedule.steps_per_epoch)
 
+    ckpt = checkpoint.Checkpointer(workdir, config) if config.checkpoint.enabled else None
+    sums, restored = zero_metrics(), None
+    if ckpt is not None:
+        restored = ckpt.restore_latest(checkpoint.state_tree(state, sums))
+    if restored is not None:
+        step, tree = restored
+        state = serialization.from_state_dict(state, tree["train_state"])
+        sums = {k: jnp.asarray(v) for k, v in tree["epoch_sums"].items()}
+        logging.info("resuming %s from the checkpoint at step %d in %s", config.name, step,
+                     workdir)
+    write_config(config, workdir)
+    writer = MetricsWriter(workdir, resume_step=None if restored is None else restored[0])
+
     train_images = jax.device_put(dataset.train_images)
-    writer = MetricsWriter(workdir)
-    logging.info("training %s for %d steps (%d epochs of %d steps) in %s", config.name,
-                 schedule.total_steps, schedule.num_epochs, schedule.steps_per_epoch, workdir)
     start_time = time.time()
     step = int(state.step)
-    with _progress(schedule.total_steps, step, config.train.progress_bar) as bar:
+    logging.info("training %s for %d steps (%d epochs of %d steps) in %s", config.name,
+                 schedule.total_steps, schedule.num_epochs, schedule.steps_per_epoch, workdir)
+    every = config.checkpoint.every_steps
+    perm_epoch, perm = None, None
+    timer_step, timer_t0 = step, time.time()
+    with _progress(schedule.total_steps, step, config.train.progress_bar) as bar, \
+            StopRequest() as stop:
         while step < schedule.total_steps:
             epoch = step // schedule.steps_per_epoch
-            epoch_end = min((epoch + 1) * schedule.steps_per_epoch, schedule.total_steps)
-            perm = epoch_permutation(keys.data, epoch, len(dataset.train_images))
-            epoch_start, epoch_t0, sums = step, time.time(), None
-            while step < epoch_end:
-                n = min(per_dispatch, epoch_end - step)
-                state, chunk = train_chunk(state, train_images, perm, keys.train, num_steps=n)
-                sums = chunk if sums is None else jax.tree.map(jnp.add, sums, chunk)
-                step += n
-                if step % config.train.log_every_steps < n or step == epoch_end:
-                    running = {k: float(v) / (step - epoch_start) for k, v in sums.items()}
-                    check_finite(running, step)
-                    bar.set_postfix(loss=f"{running['loss']:.2f}", epoch=epoch + 1)
-                bar.update(n)
-            jax.block_until_ready(state)
-            seconds = time.time() - epoch_t0
-            done = step - epoch_start
-            train_metrics = {k: float(v) / done for k, v in sums.items()}
-            common = {"epoch": epoch + 1, "step": step,
-                      "wall_time": time.time() - start_time}
-            writer.write({"split": "train", **common, **train_metrics,
-                          "images_per_sec": done * config.train.batch_size / seconds})
-            beta_now = float(beta_schedule(step - 1))
-            test_metrics = evaluate(eval_step, state.params, dataset.test_images,
-                                    config.train.eval_batch_size, keys.eval, beta_now)
-            writer.write({"split": "test", **common, **test_metrics, "beta": beta_now})
-            bar.write(f"epoch {epoch + 1}: train loss {train_metrics['loss']:.2f}, "
-                      f"test loss {test_metrics['loss']:.2f}, test elbo "
-                      f"{test_metrics['elbo']:.2f} nats, "
-                      f"{common['step']} steps, {done * config.train.batch_size / seconds:.0f} img/s")
-
+            epoch_start = epoch * schedule.steps_per_epoch
+            epoch_end = min(epoch_start + schedule.steps_per_epoch, schedule.total_steps)
+            if perm_epoch != epoch:
+                perm_epoch, perm = epoch, epoch_permutation(keys.data, epoch,
+                                                             len(dataset.train_images))
+            n = chunk_length(step, epoch_start, epoch_end, per_dispatch)
+            state, chunk = train_chunk(state, train_images, perm, keys.train, num_steps=n)
+            sums = jax.tree.map(jnp.add, sums, chunk)
+            previous, step = step, step + n
+            bar.update(n)
+            save_now = ckpt is not None and (
+                (every and step // every > previous // every) or step == schedule.total_steps
+                or (not every and step == epoch_end) or stop.signum is not None)
+            if save_now or step == epoch_end or \
+                    step // config.train.log_every_steps > previous // config.train.log_every_steps:
+                running = mean_metrics(sums, step - epoch_start)
+                check_finite(running, step, state.params if save_now else None)
+                bar.set_postfix(loss=f"{running['loss']:.2f}", epoch=epoch + 1)
+            if step == epoch_end:
+                jax.block_until_ready(state)
+                images_per_sec = ((step - timer_step) * config.train.batch_size
+                                  / (time.time() - timer_t0))
+                _end_epoch(config, state, sums, step, epoch, epoch_start, images_per_sec,
+                           start_time, beta_schedule, eval_step, dataset, keys, writer,
+                           ckpt, bar)
+                sums, timer_step, timer_t0 = zero_metrics(), step, time.time()
+            if save_now:
+                ckpt.save(step, checkpoint.state_tree(state, sums))
+            if stop.signum is not None:
+                if ckpt is not None:
+                    ckpt.wait()
+                raise TrainingInterrupted(stop.signum, step, ckpt is not None)
+    if ckpt is not None:
+        ckpt.wait()
+        ckpt.close()
     save_figures(model, state.params, config, dataset, keys, workdir)
     return state
+
+
+def _end_epoch(config, state, sums, step, epoch, epoch_start, images_per_sec, start_time,
+               beta_schedule, eval_step, dataset, keys, writer, ckpt, bar) -> None:
+    """Writes the epoch's train and test lines and keeps the best checkpoint."""
+    train_metrics = mean_metrics(sums, step - epoch_start)
+    common = {"epoch": epoch + 1, "step": step, "wall_time": time.time() - start_time}
+    writer.write({"split": "train", **common, **train_metrics,
+                  "images_per_sec": images_per_sec})
+    beta_now = float(beta_schedule(step - 1))
+    test_metrics = evaluate(eval_step, state.params, dataset.test_images,
+                            config.train.eval_batch_size, keys.eval, beta_now)
+    writer.write({"split": "test", **common, **test_metrics, "beta": beta_now})
+    if ckpt is not None:
+        ckpt.save_best(step, checkpoint.state_tree(state, zero_metrics()), test_metrics["elbo"])
+    bar.write(f"epoch {epoch + 1}: train loss {train_metrics['loss']:.2f}, test loss "
+              f"{test_metrics['loss']:.2f}, test elbo {test_metrics['elbo']:.2f} nats, "
+              f"step {step}, {images_per_sec:.0f} img/s")

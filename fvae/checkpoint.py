@@ -1,0 +1,221 @@
+"""Orbax checkpoints: save, resume exactly, and load a trained model.
+
+Layout under workdir/checkpoints/:
+  latest/<step>/   the last `checkpoint.keep` checkpoints (state + meta)
+  best/<step>/     the checkpoint with the lowest test ELBO so far
+  corrupt/<step>/  checkpoints that failed to load, moved aside (never deleted)
+
+A checkpoint holds the train state as a plain tree of arrays (no pickle), the
+running sums of the current epoch's train metrics, and a JSON `meta` item with the
+config it was trained with. Keys and data order follow from the step (see
+fvae.train), so nothing else is needed to continue bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+# Keys that may change between a run and its resumption without changing its meaning.
+RESUMABLE_KEYS = ("name", "data.dir", "data.download", "data.verify_checksums",
+                  "train.num_epochs", "train.num_steps", "train.progress_bar",
+                  "train.log_every_steps", "train.steps_per_dispatch",
+                  "train.eval_batch_size", "train.num_figure_images")
+RESUMABLE_PREFIXES = ("checkpoint.", "eval.", "plots.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says what to do."""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json(sort_keys=True))
+
+
+def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """Keys whose values differ in a way that makes resuming meaningless."""
+    a, b = _flatten(saved), _flatten(config_to_dict(config))
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: checkpoint has {a.get(k, '<missing>')!r}, config has {b.get(k, '<missing>')!r}"
+            for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS
+            and not k.startswith(RESUMABLE_PREFIXES)]
+
+
+def _manager(directory: pathlib.Path, keep: int | None, async_save: bool):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints (latest N and best-by-test-ELBO)."""
+
+    def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
+        self.root = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.config = config
+        cc = config.checkpoint
+        try:
+            self.latest = _manager(self.root / "latest", cc.keep, cc.async_save)
+            self.best = _manager(self.root / "best", 1, cc.async_save)
+        except OSError as e:
+            raise CheckpointError(f"cannot create checkpoints in {self.root}: {e}. Choose a "
+                                  "writable --workdir.") from e
+        self.best_elbo = float("inf")
+
+    # ---- saving ----
+    def _args(self, tree: dict[str, Any], meta: dict[str, Any]):
+        return ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                  meta=ocp.args.JsonSave(meta))
+
+    def _meta(self, step: int, **extra) -> dict[str, Any]:
+        return {"step": step, "config": config_to_dict(self.config), "saved_at": time.time(),
+                "best_elbo": self.best_elbo, **extra}
+
+    def save(self, step: int, tree: dict[str, Any]) -> None:
+        """Saves `tree` (state and epoch sums) as the latest checkpoint at `step`."""
+        self._save(self.latest, step, tree, self._meta(step))
+
+    def save_best(self, step: int, tree: dict[str, Any], test_elbo: float) -> bool:
+        """Saves `tree` as the best checkpoint if its test ELBO is the lowest so far."""
+        if not np.isfinite(test_elbo) or test_elbo >= self.best_elbo:
+            return False
+        self.best_elbo = test_elbo
+        self._save(self.best, step, tree, self._meta(step, test_elbo=test_elbo))
+        return True
+
+    def _save(self, manager, step: int, tree, meta) -> None:
+        try:
+            if step in manager.all_steps():
+                return  # already saved (e.g. an epoch end that is also a save point)
+            manager.save(step, args=self._args(tree, meta), force=True)
+        except OSError as e:
+            raise CheckpointError(
+                f"could not write the checkpoint for step {step} under {self.root}: {e}. "
+                "Free disk space or choose another --workdir; earlier checkpoints are "
+                "intact.") from e
+
+    def wait(self) -> None:
+        """Blocks until every asynchronous save has been committed."""
+        try:
+            self.latest.wait_until_finished()
+            self.best.wait_until_finished()
+        except OSError as e:
+            raise CheckpointError(f"a checkpoint save under {self.root} failed: {e}. Free "
+                                  "disk space or choose another --workdir.") from e
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+    # ---- restoring ----
+    def restore_latest(self, target: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        """(step, tree) of the newest readable checkpoint, or None if there is none.
+
+        A checkpoint that cannot be read is moved to checkpoints/corrupt/ with a
+        warning and the previous one is tried; a config mismatch is an error.
+        """
+        best_meta = self._read_meta(self.best, self.best.latest_step())
+        if best_meta is not None:
+            self.best_elbo = float(best_meta.get("test_elbo", float("inf")))
+        quarantined = []
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            meta = self._read_meta(self.latest, step)
+            if meta is not None:
+                check_config(meta["config"], self.config, self.root / "latest" / str(step))
+                try:
+                    restored = self.latest.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target)))
+                    return step, restored["state"]
+                except Exception as e:  # noqa: BLE001 - any failure means unreadable
+                    reason = f"{type(e).__name__}: {e}"
+            else:
+                reason = "its metadata is missing or unreadable"
+            self._quarantine(step, reason)
+            quarantined.append(step)
+        if quarantined:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.root / 'latest'}: steps {quarantined} "
+                f"could not be loaded and were moved to {self.root / 'corrupt'}. Rerun to "
+                "start this run afresh, or restore a good copy into checkpoints/latest/.")
+        return None
+
+    def _read_meta(self, manager, step: int | None) -> dict[str, Any] | None:
+        if step is None:
+            return None
+        try:
+            return manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _quarantine(self, step: int, reason: str) -> None:
+        destination = self.root / "corrupt" / f"{step}-{int(time.time())}"
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.root / "latest" / str(step)), destination)
+        logging.warning("checkpoint at step %d is unreadable (%s); moved it to %s and "
+                        "trying the previous one", step, reason[:300], destination)
+        self.latest.reload()
+
+
+def check_config(saved: dict[str, Any], config: ml_collections.ConfigDict, where) -> None:
+    differences = config_differences(saved, config)
+    if differences:
+        raise CheckpointError(
+            f"the checkpoint in {where} was trained with a different config:\n  "
+            + "\n  ".join(differences)
+            + "\nUse the config it was trained with, or a new --workdir to start afresh.")
+
+
+def state_tree(state, epoch_sums: dict[str, Any]) -> dict[str, Any]:
+    """The tree that is saved: the train state as a state dict, plus epoch sums."""
+    return {"train_state": serialization.to_state_dict(state),
+            "epoch_sums": dict(epoch_sums)}
+
+
+def load(workdir: str | pathlib.Path, which: str | int = "latest"):
+    """(config, model, params) of a trained run: which = 'latest', 'best' or a step."""
+    from fvae import models, train  # local: train imports this module
+
+    root = pathlib.Path(workdir).absolute() / "checkpoints"
+    kind = "best" if which == "best" else "latest"
+    if not (root / kind).is_dir():
+        raise CheckpointError(f"{workdir} has no {kind} checkpoints: is it a training "
+                              "workdir, and did training reach its first save?")
+    manager = ocp.CheckpointManager(root / kind, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if which in ("latest", "best") else int(which)
+    if step is None or step not in manager.all_steps():
+        raise CheckpointError(f"no checkpoint {which!r} in {root / kind} (steps: "
+                              f"{manager.all_steps()})")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    config = ml_collections.ConfigDict(meta["config"])
+    for block, key in (("model", "encoder_widths"), ("model", "encoder_strides"),
+                       ("model", "decoder_widths")):
+        config[block][key] = tuple(config[block][key])
+    model = models.build_model(config.model)
+    target = train.abstract_checkpoint_tree(config, model)
+    tree = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+    manager.close()
+    return config, model, jax.tree.map(jax.numpy.asarray, tree["train_state"]["params"])

@@ -1,0 +1,234 @@
+"""Checkpoints: exact resume after SIGKILL and SIGTERM, bad input, loading."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fvae import checkpoint, losses, train
+from fvae.writer import read_metrics
+
+ROOT = pathlib.Path(__file__).parent.parent
+TESTS = pathlib.Path(__file__).parent
+TIMING_KEYS = {"wall_time", "images_per_sec"}
+
+
+def assert_same_params(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def assert_same_metrics(workdir_a, workdir_b):
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]  # noqa
+    assert strip(read_metrics(workdir_a)) == strip(read_metrics(workdir_b))
+
+
+def write_experiment(path: pathlib.Path, data_dir, **overrides) -> pathlib.Path:
+    path.write_text(
+        f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
+        "from conftest import tiny_config\n\n"
+        f"def get_config():\n    return tiny_config({str(data_dir)!r}, **{overrides!r})\n")
+    return path
+
+
+class Run:
+    """launch.py in a subprocess; output goes to files so a full pipe never blocks it."""
+
+    def __init__(self, experiment, workdir):
+        self.log = pathlib.Path(str(workdir) + f".{time.time_ns()}.log")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "launch.py"), "--config", str(experiment),
+                 "--workdir", str(workdir)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, self.output()
+
+
+def start(experiment, workdir) -> Run:
+    return Run(experiment, workdir)
+
+
+def wait_for_checkpoint(workdir, run: Run, min_step: int, timeout: float = 120):
+    latest = pathlib.Path(workdir) / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name) for p in latest.glob("*") if p.name.isdigit()] \
+            if latest.exists() else []
+        if steps and max(steps) >= min_step:
+            return
+        if run.proc.poll() is not None:
+            pytest.fail(f"run ended before step {min_step}: {run.output()[-2000:]}")
+        time.sleep(0.01)
+    pytest.fail("no checkpoint appeared in time")
+
+
+# A run long enough to be killed in the middle: 60 epochs of 8 steps, saved every 3 steps.
+LONG = {"train.num_epochs": 60, "checkpoint.every_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    state = train.train_and_evaluate(
+        __import__("conftest").tiny_config(tiny_data_dir, **LONG), str(workdir))
+    return workdir, state
+
+
+def test_sigkill_and_resume_is_bit_identical(tiny_data_dir, tmp_path, uninterrupted):
+    experiment = write_experiment(tmp_path / "exp.py", tiny_data_dir, **LONG)
+    workdir = tmp_path / "run"
+    run = start(experiment, workdir)
+    wait_for_checkpoint(workdir, run, min_step=100)
+    run.proc.send_signal(signal.SIGKILL)
+    run.proc.wait()
+    assert run.proc.returncode == -signal.SIGKILL, "the run finished before it was killed"
+    killed_at = max(r["step"] for r in read_metrics(workdir))
+    assert killed_at < 480
+
+    code, out = start(experiment, workdir).finish()
+    assert code == 0, out[-2000:]
+    assert "resuming tiny from the checkpoint at step" in out
+
+    _, _, params = checkpoint.load(workdir)
+    assert_same_params(params, uninterrupted[1].params)
+    assert_same_metrics(workdir, uninterrupted[0])  # each epoch logged exactly once
+
+
+def test_sigterm_saves_and_resumes_exactly(tiny_data_dir, tmp_path, uninterrupted):
+    experiment = write_experiment(tmp_path / "exp.py", tiny_data_dir, **LONG)
+    workdir = tmp_path / "run"
+    run = start(experiment, workdir)
+    wait_for_checkpoint(workdir, run, min_step=30)
+    run.proc.send_signal(signal.SIGTERM)
+    code, err = run.finish(timeout=120)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM at step" in err and "rerun the same command" in err
+    stopped_at = int(err.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert stopped_at in checkpoint.Checkpointer(workdir, _config(experiment)).latest.all_steps()
+
+    code, out = start(experiment, workdir).finish()
+    assert code == 0, out[-2000:]
+    _, _, params = checkpoint.load(workdir)
+    assert_same_params(params, uninterrupted[1].params)
+    assert_same_metrics(workdir, uninterrupted[0])
+
+
+def _config(experiment):
+    from fvae import configs
+    return configs.load_config_file(experiment)
+
+
+def nan_loss_when(predicate):
+    """A vae_loss whose loss is NaN for batches where predicate(x) holds."""
+    original = losses.vae_loss
+
+    def patched(logits, mean, logvar, x, beta, loss_config):
+        loss, parts = original(logits, mean, logvar, x, beta, loss_config)
+        loss = jnp.where(predicate(x), jnp.nan, loss)
+        return loss, {**parts, "loss": loss}
+    return patched
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_config, tmp_path,
+                                                                  monkeypatch):
+    train.train_and_evaluate(make_config(**{"train.num_epochs": 1}), str(tmp_path))
+    monkeypatch.setattr(losses, "vae_loss", nan_loss_when(lambda x: True))
+    with pytest.raises(train.NonFiniteLossError, match=r"step (9|1[0-6]): .*loss=nan"):
+        train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))
+    ckpt = checkpoint.Checkpointer(tmp_path, make_config())
+    assert ckpt.latest.all_steps() == [8]
+    _, _, params = checkpoint.load(tmp_path)
+    assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(params))
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(make_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(losses, "vae_loss", nan_loss_when(lambda x: x[0, 0, 0, 0] > 0.1))
+    state = train.train_and_evaluate(make_config(**{"train.on_nonfinite": "skip"}),
+                                     str(tmp_path))
+    train_lines = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert sum(r["skipped"] for r in train_lines) > 0
+    assert all(np.isfinite(r["loss"]) for r in train_lines)
+    assert int(state.step) == 16  # skipped steps still advance the step counter
+    assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
+
+
+def test_resuming_with_a_different_model_names_the_keys(make_config, tmp_path):
+    train.train_and_evaluate(make_config(**{"train.num_epochs": 1}), str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError, match="model.latent_dim: checkpoint has 2"):
+        train.train_and_evaluate(make_config(**{"model.latent_dim": 3}), str(tmp_path))
+    # Keys that do not change the run's meaning may differ: training is extended.
+    state = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}), str(tmp_path))
+    assert int(state.step) == 24
+
+
+def largest_file(directory: pathlib.Path) -> pathlib.Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(make_config, tmp_path, caplog):
+    reference = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}),
+                                         str(tmp_path / "reference"))
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(make_config(), str(workdir))  # checkpoints at steps 8, 16
+    victim = largest_file(workdir / "checkpoints" / "latest" / "16")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    state = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}), str(workdir))
+    assert "checkpoint at step 16 is unreadable" in caplog.text
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints" / "corrupt").iterdir()] == ["16"]
+    assert_same_params(state.params, reference.params)
+
+
+def test_leftover_temporary_checkpoint_is_ignored(make_config, tmp_path):
+    train.train_and_evaluate(make_config(), str(tmp_path))
+    # What a save killed half-way leaves: an uncommitted temporary directory.
+    tmp = tmp_path / "checkpoints" / "latest" / "24.orbax-checkpoint-tmp-1234"
+    tmp.mkdir()
+    (tmp / "garbage").write_bytes(b"\0" * 10)
+    state = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}), str(tmp_path))
+    assert int(state.step) == 24
+
+
+def test_no_readable_checkpoint_is_a_clear_error(make_config, tmp_path):
+    train.train_and_evaluate(make_config(**{"train.num_epochs": 1}), str(tmp_path))
+    for path in (tmp_path / "checkpoints" / "latest" / "8").rglob("*metadata*"):
+        if path.is_file():
+            path.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))
+
+
+def test_unwritable_workdir_fails_before_training(make_config, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(checkpoint.CheckpointError, match="not writable"):
+        train.train_and_evaluate(make_config(), str(tmp_path / "file" / "run"))
+
+
+def test_load_latest_best_and_step(make_config, tmp_path):
+    state = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}), str(tmp_path))
+    config, model, params = checkpoint.load(tmp_path, "latest")
+    assert config.model.latent_dim == 2 and config.name == "tiny"
+    assert_same_params(params, state.params)
+    _, _, best = checkpoint.load(tmp_path, "best")
+    _, _, first = checkpoint.load(tmp_path, 8)
+    elbos = [r["elbo"] for r in read_metrics(tmp_path) if r["split"] == "test"]
+    expected = [first, None, params][int(np.argmin(elbos))]
+    if expected is not None:
+        assert_same_params(best, expected)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["checkpoint"]["keep"] == 3
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint 5"):
+        checkpoint.load(tmp_path, 5)
+    with pytest.raises(checkpoint.CheckpointError, match="is it a training workdir"):
+        checkpoint.load(tmp_path / "nothing")
