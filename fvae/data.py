@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import os
 import pathlib
-import shutil
 import socket
 import struct
 import tempfile
@@ -133,16 +132,15 @@ def download(filename: str, md5: str | None, data_dir: pathlib.Path,
     return target
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *,
-                       allow_download: bool = True, verify_checksums: bool = True,
-                       base_url: str = BASE_URL,
-                       checksums: dict[str, str] | None = None) -> Dataset:
-    """Loads both splits, fetching missing files when allowed.
+def ensure_files(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True,
+                 verify_checksums: bool = True, base_url: str = BASE_URL,
+                 checksums: dict[str, str] | None = None) -> dict[str, pathlib.Path]:
+    """Paths of the four files, fetched if missing (when allowed) and checksummed.
 
     `checksums` maps file names to md5s and replaces the published ones (for tests).
     """
     data_dir = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
-    arrays = {}
+    paths = {}
     for key, (filename, published_md5) in FILES.items():
         md5 = (checksums or {}).get(filename, published_md5) if verify_checksums else None
         path = data_dir / filename
@@ -155,9 +153,15 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *,
             raise DataError(f"{path} has md5 {actual}, but the published file has {md5}: "
                             "it is corrupt or truncated. Delete it so it is fetched again, "
                             "or replace it with an original copy.")
-        arrays[key] = read_idx_gz(path)
-    dataset = Dataset(**arrays)
-    _check_consistent(dataset, data_dir)
+        paths[key] = path
+    return paths
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None, **kwargs) -> Dataset:
+    """Loads both splits from the IDX files (keyword arguments: see ensure_files)."""
+    paths = ensure_files(data_dir, **kwargs)
+    dataset = Dataset(**{key: read_idx_gz(path) for key, path in paths.items()})
+    _check_consistent(dataset, paths["train_images"].parent)
     return dataset
 
 
@@ -172,41 +176,64 @@ def _check_consistent(ds: Dataset, data_dir: pathlib.Path) -> None:
                             f"expected [{images.shape[0]}] to match the images.")
 
 
-def load_tfds(data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Loads Fashion-MNIST through tensorflow-datasets (the `tfds` extra).
+def load_tfds(data_dir: str | os.PathLike | None = None, **kwargs) -> Dataset:
+    """Loads Fashion-MNIST through tensorflow-datasets (the `tfds` extra), offline.
 
-    The local IDX files, when present, are registered as TFDS's download cache, so
-    this works offline from the same directory as the 'idx' source.
+    TFDS's own builder prepares the dataset from the same local IDX files (checked by
+    `ensure_files`, keyword arguments as there), in their original order, into
+    <data_dir>/tfds/<checksum>/ so a changed file never reuses a stale cache.
     """
     try:
         import tensorflow_datasets as tfds
+        from tensorflow_datasets.core.download import checksums as tfds_checksums
+        from tensorflow_datasets.image_classification import mnist as tfds_mnist
     except ImportError as e:
-        raise DataError("data.source='tfds' needs tensorflow-datasets: "
+        raise DataError("data.source='tfds' needs tensorflow-datasets and TensorFlow: "
                         "pip install -e '.[tfds]'") from e
-    local = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
-    builder = tfds.builder("fashion_mnist", data_dir=str(local / "tfds"))
-    download_dir = local / "tfds" / "downloads"
-    download_dir.mkdir(parents=True, exist_ok=True)
-    for filename, _ in FILES.values():
-        if (local / filename).exists() and not (download_dir / filename).exists():
-            shutil.copyfile(local / filename, download_dir / filename)
+    paths = ensure_files(data_dir, **kwargs)
+    local = paths["train_images"].parent
+    base = tfds_mnist.FashionMNIST
+    url_infos = {base.URL + p.name: tfds_checksums.compute_url_info(str(p))
+                 for p in paths.values()}
+    fingerprint = hashlib.sha256("".join(sorted(i.checksum for i in url_infos.values()))
+                                 .encode()).hexdigest()[:12]
+
+    class LocalFashionMNIST(base, skip_registration=True):
+        """TFDS's builder reading local files: our checksums, IDX order, any size."""
+        name = "fashion_mnist"
+
+        def _info(self):
+            info = super()._info()
+            info.as_proto.disable_shuffling = True  # keep the IDX order
+            return info
+
+        def _split_generators(self, dl_manager):
+            splits = super()._split_generators(dl_manager)
+            for split in splits:  # TFDS hard-codes 60000/10000 examples
+                with open(split.gen_kwargs["label_path"], "rb") as f:
+                    split.gen_kwargs["num_examples"] = int.from_bytes(f.read(8)[4:], "big")
+            return splits
+
+    LocalFashionMNIST.url_infos = url_infos
+    builder = LocalFashionMNIST(data_dir=str(local / "tfds" / fingerprint))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(local), download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-    splits = {}
+        manual_dir=str(local), try_download_gcs=False))
+    arrays = {}
     for split in ("train", "test"):
-        ds = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-        splits[f"{split}_images"] = ds["image"][..., 0].astype(np.uint8)
-        splits[f"{split}_labels"] = ds["label"].astype(np.uint8)
-    return Dataset(**splits)
+        ds = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
+                                              shuffle_files=False))
+        arrays[f"{split}_images"] = ds["image"][..., 0].astype(np.uint8)
+        arrays[f"{split}_labels"] = ds["label"].astype(np.uint8)
+    dataset = Dataset(**arrays)
+    _check_consistent(dataset, local)
+    return dataset
 
 
 def load(config) -> Dataset:
     """Loads the dataset the config's `data` block describes, limits applied."""
-    if config.data.source == "tfds":
-        ds = load_tfds(config.data.dir)
-    else:
-        ds = load_fashion_mnist(config.data.dir, allow_download=config.data.download,
-                                verify_checksums=config.data.verify_checksums)
+    loader = load_tfds if config.data.source == "tfds" else load_fashion_mnist
+    ds = loader(config.data.dir, allow_download=config.data.download,
+                verify_checksums=config.data.verify_checksums)
     n_train = config.data.limit_train or len(ds.train_images)
     n_test = config.data.limit_test or len(ds.test_images)
     return Dataset(ds.train_images[:n_train], ds.train_labels[:n_train],

@@ -96,3 +96,37 @@ def test_download_with_wrong_checksum_keeps_nothing(tmp_path, file_server):
 def test_default_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     assert data.default_data_dir() == tmp_path
+
+
+TFDS_SCRIPT = """
+import sys, numpy as np
+from fvae import data
+directory = sys.argv[1]
+idx = data.load_fashion_mnist(directory, allow_download=False, verify_checksums=False)
+via_tfds = data.load_tfds(directory, allow_download=False, verify_checksums=False)
+for field in ("train_images", "train_labels", "test_images", "test_labels"):
+    a, b = getattr(idx, field), getattr(via_tfds, field)
+    assert a.dtype == b.dtype and np.array_equal(a, b), field
+print("tfds matches idx", via_tfds.train_images.shape, via_tfds.test_images.shape)
+"""
+
+
+def test_tfds_source_reads_the_same_local_files_offline(tmp_path):
+    """The TFDS path on tiny files, in a subprocess (TensorFlow and JAX stay apart),
+    with any network use made to fail. CI installs the `tfds` extra and sets
+    FVAE_REQUIRE_TFDS=1 so this cannot be skipped there."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+        if os.environ.get("FVAE_REQUIRE_TFDS"):
+            pytest.fail("tensorflow-datasets is not installed: pip install -e '.[tfds]'")
+        pytest.skip("the tfds extra is not installed")
+    write_dataset(tmp_path)
+    env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", TFDS_SCRIPT, str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tfds matches idx (256, 28, 28) (64, 28, 28)" in result.stdout
