@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fvae import configs, train
+from fvae import configs, parallel, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -36,6 +36,8 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(OwnInfoOnly())
     config = configs.validate(FLAGS.config)
+    parallel.initialize_distributed()  # both must precede any JAX computation
+    parallel.configure_cpu_devices(config.train.cpu_devices)
     if FLAGS.mode == "train":
         try:
             train.train_and_evaluate(config, FLAGS.workdir)

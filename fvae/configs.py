@@ -21,6 +21,7 @@ BETA_SCHEDULES = ("constant", "linear", "cyclical")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
 DATA_SOURCES = ("idx", "tfds")
+BINARIZE_MODES = ("none", "dynamic")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.verify_checksums = True  # check the published md5 of each file
     c.data.limit_train = 0  # >0: use only the first N training images
     c.data.limit_test = 0  # >0: use only the first N test images
+    # 'dynamic': train on fresh Bernoulli(pixel/255) draws every step and evaluate on
+    # one fixed binarisation of the test set (fvae.binarize), as published tables do.
+    c.data.binarize = "none"
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "conv"  # 'conv' (the study's model) or 'keras' (the small one)
@@ -49,6 +53,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.encoder_dense = 256
     c.model.decoder_widths = (128, 64, 32)  # Dense(7*7*w0), then upsample to w1, w2
     c.model.num_res_blocks = 2
+    # How the stride-2 transposed convs are computed: 'subpixel' (exactly
+    # nn.ConvTranspose, faster), 'conv_transpose' (flax's own) or 'pixel_shuffle' (a
+    # free 2x2 conv + depth-to-space: a slightly larger function class, not the study's).
+    c.model.upsample = "subpixel"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.likelihood = "bce"  # 'bce' (Bernoulli, summed) or 'mse'
@@ -75,6 +83,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 0  # >0: train this many steps instead of num_epochs
     c.train.eval_batch_size = 1000
     c.train.steps_per_dispatch = 0  # steps per compiled call; 0: per-platform default
+    c.train.num_devices = 0  # devices to split each batch over; 0: all
+    c.train.cpu_devices = 0  # CPU devices launch.py asks XLA for; 0: one per 2 cores
     c.train.log_every_steps = 50  # progress-bar refresh
     c.train.progress_bar = True
     c.train.num_figure_images = 16
@@ -85,6 +95,18 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 0  # 0: at the end of every epoch (and of training)
     c.checkpoint.keep = 3  # latest checkpoints kept; the best by test ELBO is kept apart
     c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()  # fvae.evaluate (launch.py --mode eval)
+    c.eval.iwae_samples = 5000  # K importance samples per test image (Burda et al.)
+    c.eval.iwae_num_images = 0  # >0: the IWAE bound on the first N test images only
+    c.eval.iwae_decode_batch = 1024  # decoder inputs per compiled step (bounds memory)
+    c.eval.elbo_samples = 1  # posterior draws per test image for nll_recon
+    c.eval.fd_num_samples = 0  # prior samples for fd_samples; 0: one per test image
+    c.eval.classifier_dir = config_dict.placeholder(str)  # None: ~/.cache/fvae/classifier
+    c.eval.classifier_epochs = 3
+    c.eval.probe_steps = 200  # L-BFGS steps of the logistic-regression probe
+    c.eval.probe_l2 = 1e-4
+    c.eval.seed = 0  # posterior and prior draws of the evaluation
 
     return c.lock()
 
@@ -143,9 +165,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_in(config, "data.source", DATA_SOURCES)
     _check_min(config, "data.limit_train", 0, integer=True)
     _check_min(config, "data.limit_test", 0, integer=True)
+    _check_in(config, "data.binarize", BINARIZE_MODES)
     _check_in(config, "model.name", MODELS)
     _check_min(config, "model.latent_dim", 1, integer=True)
     _check_min(config, "model.num_res_blocks", 0, integer=True)
+    _check_in(config, "model.upsample", ("subpixel", "conv_transpose", "pixel_shuffle"))
     for key in ("model.encoder_widths", "model.decoder_widths"):
         widths = _get(config, key)
         if len(widths) != 3 or any(int(w) < 1 for w in widths):
@@ -183,11 +207,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("train.num_epochs", 0, "num_epochs >= 1 or num_steps >= 1")
     _check_min(config, "train.eval_batch_size", 1, integer=True)
     _check_min(config, "train.steps_per_dispatch", 0, integer=True)
+    _check_min(config, "train.num_devices", 0, integer=True)
+    _check_min(config, "train.cpu_devices", 0, integer=True)
     _check_min(config, "train.log_every_steps", 1, integer=True)
     _check_min(config, "train.num_figure_images", 1, integer=True)
     _check_in(config, "train.on_nonfinite", ("stop", "skip"))
     _check_min(config, "checkpoint.every_steps", 0, integer=True)
     _check_min(config, "checkpoint.keep", 1, integer=True)
+    for key in ("eval.iwae_samples", "eval.iwae_decode_batch", "eval.elbo_samples",
+                "eval.classifier_epochs", "eval.probe_steps"):
+        _check_min(config, key, 1, integer=True)
+    for key in ("eval.iwae_num_images", "eval.fd_num_samples", "eval.seed"):
+        _check_min(config, key, 0, integer=True)
+    _check_min(config, "eval.probe_l2", 0.0)
     return config
 
 
@@ -197,3 +229,11 @@ def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> Non
         _fail("train.batch_size", config.train.batch_size,
               f"at most the number of training images ({num_train}); lower it or raise "
               "data.limit_train")
+
+
+def check_against_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Batches are split evenly across devices: their sizes must divide."""
+    for key in ("train.batch_size", "train.eval_batch_size"):
+        if _get(config, key) % num_devices:
+            _fail(key, _get(config, key), f"a multiple of the {num_devices} devices the batch "
+                  "is split over; change it or set train.num_devices")

@@ -17,6 +17,73 @@ import ml_collections
 IMAGE_SHAPE = (28, 28, 1)
 
 
+# Which 3x3 taps feed each output phase of a stride-2 'SAME' transposed conv: for an
+# output row of parity r, window row dy of the 2x2 window uses kernel row PHASE_TAPS[r][dy].
+PHASE_TAPS = ({0: 0, 1: 2}, {1: 1})
+
+
+def phase_kernel(kernel: jax.Array) -> jax.Array:
+    """A (3, 3, I, O) transposed-conv kernel as the (2, 2, I, 4*O) kernel of the ordinary
+    2x2 conv that computes its four output phases (blocks ordered r0c0, r0c1, r1c0, r1c1).
+    Unused taps are zeros, so the function (and the gradient w.r.t. `kernel`) is exactly
+    that of the transposed conv."""
+    zero = jnp.zeros_like(kernel[0, 0])
+    blocks = []
+    for rows in PHASE_TAPS:
+        for cols in PHASE_TAPS:
+            blocks.append(jnp.stack([
+                jnp.stack([kernel[rows[dy], cols[dx]] if dy in rows and dx in cols else zero
+                           for dx in (0, 1)]) for dy in (0, 1)]))
+    return jnp.concatenate(blocks, axis=-1)
+
+
+def depth_to_space(y: jax.Array, features: int) -> jax.Array:
+    """[B, H, W, 4*C] with phase blocks (r, c) -> [B, 2H, 2W, C]."""
+    b, h, w, _ = y.shape
+    y = y.reshape(b, h, w, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, 2 * h, 2 * w, features)
+
+
+class SubpixelConvTranspose(nn.Module):
+    """nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding='SAME'), exactly (same
+    parameters, initialisation and outputs), computed as one ordinary 2x2 conv plus
+    depth-to-space. XLA:CPU runs the transposed conv's weight gradient as a slow
+    dilated convolution; this formulation turns it into an ordinary one."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        y = jax.lax.conv_general_dilated(x, phase_kernel(kernel).astype(x.dtype), (1, 1),
+                                         ((1, 0), (1, 0)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return depth_to_space(y, self.features) + bias
+
+
+class PixelShuffleUpsample(nn.Module):
+    """A free 2x2 conv to 4*features channels plus depth-to-space: a slightly larger
+    function class than the transposed conv (named option `pixel_shuffle`)."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(4 * self.features, (2, 2), padding=((1, 0), (1, 0)))(x)
+        return depth_to_space(y, self.features)
+
+
+UPSAMPLERS = {"subpixel": SubpixelConvTranspose, "pixel_shuffle": PixelShuffleUpsample,
+              "conv_transpose": lambda features, name=None: nn.ConvTranspose(
+                  features, (3, 3), strides=(2, 2), padding="SAME", name=name)}
+
+
+def upsample(features: int, impl: str, name: str) -> nn.Module:
+    """A stride-2 3x3 upsampling layer; every `impl` but pixel_shuffle is exactly
+    nn.ConvTranspose (same parameter names and shapes)."""
+    return UPSAMPLERS[impl](features, name=name)
+
+
 class ResBlock(nn.Module):
     """Two 3x3 convs with a skip connection."""
     width: int
@@ -48,13 +115,14 @@ class ConvDecoder(nn.Module):
     """Dense to 7x7, two stride-2 transposed convs, residual blocks, 1-channel logits."""
     widths: Sequence[int] = (128, 64, 32)
     num_res_blocks: int = 2
+    upsample: str = "subpixel"
 
     @nn.compact
     def __call__(self, z):
         x = nn.relu(nn.Dense(7 * 7 * self.widths[0])(z))
         x = x.reshape(z.shape[0], 7, 7, self.widths[0])
-        for width in self.widths[1:]:
-            x = nn.relu(nn.ConvTranspose(width, (3, 3), strides=(2, 2), padding="SAME")(x))
+        for i, width in enumerate(self.widths[1:]):
+            x = nn.relu(upsample(width, self.upsample, f"ConvTranspose_{i}")(x))
         for _ in range(self.num_res_blocks):
             x = ResBlock(self.widths[-1])(x)
         return nn.Conv(1, (3, 3))(x)
@@ -75,13 +143,14 @@ class KerasEncoder(nn.Module):
 
 class KerasDecoder(nn.Module):
     """The Keras example's decoder: Dense(7*7*64) and three transposed convs."""
+    upsample: str = "subpixel"
 
     @nn.compact
     def __call__(self, z):
         x = nn.relu(nn.Dense(7 * 7 * 64)(z)).reshape(z.shape[0], 7, 7, 64)
-        x = nn.relu(nn.ConvTranspose(64, (3, 3), strides=(2, 2), padding="SAME")(x))
-        x = nn.relu(nn.ConvTranspose(32, (3, 3), strides=(2, 2), padding="SAME")(x))
-        return nn.ConvTranspose(1, (3, 3), padding="SAME")(x)
+        x = nn.relu(upsample(64, self.upsample, "ConvTranspose_0")(x))
+        x = nn.relu(upsample(32, self.upsample, "ConvTranspose_1")(x))
+        return nn.ConvTranspose(1, (3, 3), padding="SAME", name="ConvTranspose_2")(x)
 
 
 class VAE(nn.Module):
@@ -110,11 +179,12 @@ def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Ar
 def build_model(model_config: ml_collections.ConfigDict) -> VAE:
     """Builds the VAE the config's `model` block names."""
     if model_config.name == "keras":
-        return VAE(KerasEncoder(model_config.latent_dim), KerasDecoder())
+        return VAE(KerasEncoder(model_config.latent_dim), KerasDecoder(model_config.upsample))
     return VAE(
         ConvEncoder(model_config.latent_dim, tuple(model_config.encoder_widths),
                     tuple(model_config.encoder_strides), model_config.encoder_dense),
-        ConvDecoder(tuple(model_config.decoder_widths), model_config.num_res_blocks))
+        ConvDecoder(tuple(model_config.decoder_widths), model_config.num_res_blocks,
+                    model_config.upsample))
 
 
 def init_params(model: VAE, key: jax.Array):

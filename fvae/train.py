@@ -29,7 +29,7 @@ from flax.training import train_state
 
 from flax import serialization
 
-from fvae import checkpoint, configs, data, losses, models, plots
+from fvae import checkpoint, configs, data, losses, models, parallel, plots
 from fvae.writer import MetricsWriter
 
 Metrics = dict[str, jax.Array]
@@ -156,15 +156,19 @@ def epoch_permutation(data_key: jax.Array, epoch: int, num_train: int) -> jax.Ar
     return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_train)
 
 
-def make_train_chunk(train_step, batch_size: int, steps_per_epoch: int):
+def make_train_chunk(train_step, batch_size: int, steps_per_epoch: int,
+                     batch_sharding: jax.sharding.Sharding | None = None):
     """Jitted: run `num_steps` steps from state.step, batches gathered on device.
 
-    Returns the new state and the metrics summed over the chunk.
+    Each batch is gathered from the resident training set and, with `batch_sharding`,
+    split across devices. Returns the new state and the metrics summed over the chunk.
     """
 
     def one_step(state, images, perm, train_key):
         offset = (state.step % steps_per_epoch) * batch_size
         batch = images[jax.lax.dynamic_slice_in_dim(perm, offset, batch_size)]
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return train_step(state, batch, jax.random.fold_in(train_key, state.step))
 
     @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0)
@@ -243,9 +247,9 @@ def default_steps_per_dispatch(steps_per_epoch: int) -> int:
 
 
 def evaluate(eval_step, params, images: np.ndarray, batch_size: int, key: jax.Array,
-             beta: float) -> dict[str, float]:
+             beta: float, dp: parallel.DataParallel | None = None) -> dict[str, float]:
     """Mean loss parts over all `images` with a jitted eval_step; the last batch is
-    padded and masked out."""
+    padded and masked out. With `dp`, each batch is split across its devices."""
     totals = None
     for i, start in enumerate(range(0, len(images), batch_size)):
         batch = images[start:start + batch_size]
@@ -254,6 +258,8 @@ def evaluate(eval_step, params, images: np.ndarray, batch_size: int, key: jax.Ar
             mask[len(batch):] = 0.0
             batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
                                                     batch.dtype)])
+        if dp is not None:
+            batch, mask = dp.shard_batch((batch, mask))
         sums = eval_step(params, batch, mask, jax.random.fold_in(key, i), beta)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     count = float(totals.pop("count"))
@@ -334,6 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     workdir = prepare_workdir(workdir)
     dataset = data.load(config)
     configs.check_against_data(config, len(dataset.train_images))
+    dp = parallel.make_data_parallel(config.train.num_devices)
+    configs.check_against_devices(config, dp.num_devices)
 
     schedule = Schedule.from_config(config, len(dataset.train_images))
     keys = RunKeys.from_seed(config.seed)
@@ -344,7 +352,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     train_step = make_train_step(model, config.loss, beta_schedule,
                                  skip_nonfinite=config.train.on_nonfinite == "skip")
     train_chunk = make_train_chunk(train_step, config.train.batch_size,
-                                   schedule.steps_per_epoch)
+                                   schedule.steps_per_epoch,
+                                   dp.batch if dp.num_devices > 1 else None)
     eval_step = jax.jit(make_eval_step(model, config.loss))
     per_dispatch = config.train.steps_per_dispatch or \
         default_steps_per_dispatch(schedule.steps_per_epoch)
@@ -362,7 +371,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     write_config(config, workdir)
     writer = MetricsWriter(workdir, resume_step=None if restored is None else restored[0])
 
-    train_images = jax.device_put(dataset.train_images)
+    state = dp.replicate(state)
+    train_images = dp.replicate(dataset.train_images)
+    train_key = dp.replicate(keys.train)
     start_time = time.time()
     step = int(state.step)
     logging.info("training %s for %d steps (%d epochs of %d steps) in %s", config.name,
@@ -377,10 +388,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             epoch_start = epoch * schedule.steps_per_epoch
             epoch_end = min(epoch_start + schedule.steps_per_epoch, schedule.total_steps)
             if perm_epoch != epoch:
-                perm_epoch, perm = epoch, epoch_permutation(keys.data, epoch,
-                                                             len(dataset.train_images))
+                perm_epoch, perm = epoch, dp.replicate(epoch_permutation(
+                    keys.data, epoch, len(dataset.train_images)))
             n = chunk_length(step, epoch_start, epoch_end, per_dispatch)
-            state, chunk = train_chunk(state, train_images, perm, keys.train, num_steps=n)
+            state, chunk = train_chunk(state, train_images, perm, train_key, num_steps=n)
             sums = jax.tree.map(jnp.add, sums, chunk)
             previous, step = step, step + n
             bar.update(n)
@@ -398,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                   / (time.time() - timer_t0))
                 _end_epoch(config, state, sums, step, epoch, epoch_start, images_per_sec,
                            start_time, beta_schedule, eval_step, dataset, keys, writer,
-                           ckpt, bar)
+                           ckpt, bar, dp)
                 sums, timer_step, timer_t0 = zero_metrics(), step, time.time()
             if save_now:
                 ckpt.save(step, checkpoint.state_tree(state, sums))
@@ -414,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 
 def _end_epoch(config, state, sums, step, epoch, epoch_start, images_per_sec, start_time,
-               beta_schedule, eval_step, dataset, keys, writer, ckpt, bar) -> None:
+               beta_schedule, eval_step, dataset, keys, writer, ckpt, bar, dp) -> None:
     """Writes the epoch's train and test lines and keeps the best checkpoint."""
     train_metrics = mean_metrics(sums, step - epoch_start)
     common = {"epoch": epoch + 1, "step": step, "wall_time": time.time() - start_time}
@@ -422,7 +433,7 @@ def _end_epoch(config, state, sums, step, epoch, epoch_start, images_per_sec, st
                   "images_per_sec": images_per_sec})
     beta_now = float(beta_schedule(step - 1))
     test_metrics = evaluate(eval_step, state.params, dataset.test_images,
-                            config.train.eval_batch_size, keys.eval, beta_now)
+                            config.train.eval_batch_size, keys.eval, beta_now, dp)
     writer.write({"split": "test", **common, **test_metrics, "beta": beta_now})
     if ckpt is not None:
         ckpt.save_best(step, checkpoint.state_tree(state, zero_metrics()), test_metrics["elbo"])

@@ -70,3 +70,54 @@ def test_reparameterize_has_the_right_moments():
                            models.reparameterize(k, mean, logvar))
     assert not jnp.array_equal(models.reparameterize(k, mean, logvar),
                                models.reparameterize(jax.random.key(4), mean, logvar))
+
+
+@pytest.mark.parametrize("name,latent_dim", [("conv", 32), ("keras", 2)])
+def test_subpixel_upsampling_is_exactly_conv_transpose(name, latent_dim):
+    """Same parameter tree and initial values, same outputs and gradients."""
+    c = configs.get_base_config()
+    c.model.name, c.model.latent_dim = name, latent_dim
+    c.model.upsample = "conv_transpose"
+    reference = models.build_model(c.model)
+    c.model.upsample = "subpixel"
+    fast = models.build_model(c.model)
+    params = models.init_params(reference, jax.random.key(0))
+    assert shapes(params) == shapes(models.init_params(fast, jax.random.key(0)))
+    assert params_equal(params, models.init_params(fast, jax.random.key(0)))
+    images = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    key = jax.random.key(2)
+
+    def loss(model, p):
+        logits, _, _ = model.apply({"params": p}, images, key)
+        return jnp.sum(jnp.sin(logits))  # any non-trivial function of the outputs
+
+    np.testing.assert_allclose(reference.apply({"params": params}, images, key)[0],
+                               fast.apply({"params": params}, images, key)[0],
+                               rtol=1e-5, atol=1e-5)
+    g_ref = jax.grad(lambda p: loss(reference, p))(params)
+    g_fast = jax.grad(lambda p: loss(fast, p))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                 g_ref, g_fast)
+
+
+def test_phase_kernel_matches_a_direct_transposed_conv():
+    """Against numpy: scatter each input pixel through the 3x3 kernel onto the
+    2x-upsampled grid, with lax.conv_transpose's SAME offsets (pad 2 before, 1 after)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 3, 4, 2)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 2, 5)).astype(np.float32)
+    out = np.zeros((1, 6, 8, 5), np.float32)
+    for i in range(3):
+        for j in range(4):
+            for a in range(3):
+                for b in range(3):
+                    r, c = 2 * i + 2 - a, 2 * j + 2 - b  # y[r] += w[a] * x[i], r + a - 2 = 2i
+                    if 0 <= r < 6 and 0 <= c < 8:
+                        out[0, r, c] += x[0, i, j] @ w[a, b]
+    y = models.SubpixelConvTranspose(5).apply(
+        {"params": {"kernel": w, "bias": np.zeros(5, np.float32)}}, x)
+    np.testing.assert_allclose(y, out, rtol=1e-5, atol=1e-5)
+
+
+def params_equal(a, b):
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))

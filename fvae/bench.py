@@ -1,0 +1,210 @@
+"""Training-step benchmark: images/s, compile time, peak memory, useful GFLOP/s.
+
+    python -m fvae.bench                                  # the study's model, defaults
+    python -m fvae.bench --models conv,keras --batch-sizes 64,128,256 --devices 1,2
+    python -m fvae.bench --upsample subpixel,conv_transpose --reference torch,keras
+
+Each configuration runs in its own subprocess (so the number of CPU devices can
+differ and peak memory is that configuration's own) on random uint8 images resident
+on the device, exactly as training does. "Useful" FLOPs count only the multiply-adds
+of the model as written (a transposed conv's 9 taps per input pixel), whatever
+formulation computes them, times 3 for forward plus backward. Results are printed as
+a table and written as JSON. Timings on shared machines are noisy: compare rows from
+one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+TRAIN_FLOPS_PER_MAC = 2 * 3  # a multiply-add is 2 FLOPs; backward costs ~2x forward
+
+
+def useful_macs_per_image(model_config) -> int:
+    """Forward multiply-adds per 28x28 image of the model the config names."""
+    latent = model_config.latent_dim
+    if model_config.name == "keras":
+        enc = [(14 * 14, 9 * 1 * 32), (7 * 7, 9 * 32 * 64), (1, 3136 * 16), (1, 16 * 2 * latent)]
+        dec = [(1, latent * 3136), (7 * 7, 9 * 64 * 64), (14 * 14, 9 * 64 * 32),
+               (28 * 28, 9 * 32 * 1)]
+        return sum(a * b for a, b in enc + dec)
+    w, strides = list(model_config.encoder_widths), list(model_config.encoder_strides)
+    macs, size, channels = 0, 28, 1
+    for width, stride in zip(w, strides):
+        size = math.ceil(size / stride)
+        macs += size * size * 9 * channels * width
+        channels = width
+    macs += size * size * channels * model_config.encoder_dense
+    macs += model_config.encoder_dense * 2 * latent
+    d = list(model_config.decoder_widths)
+    macs += latent * 7 * 7 * d[0]
+    size = 7
+    for cin, cout in zip(d, d[1:]):
+        macs += size * size * 9 * cin * cout  # transposed conv: 9 taps per input pixel
+        size *= 2
+    macs += model_config.num_res_blocks * 2 * size * size * 9 * d[-1] * d[-1]
+    macs += size * size * 9 * d[-1]
+    return macs
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process, plus the device's peak on accelerators."""
+    import jax
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**20 or rss
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Measured fp32 matmul throughput of the default device: the roofline to quote."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Times the training step for one spec (runs in a fresh process)."""
+    import jax
+    jax.config.update("jax_num_cpu_devices", spec["devices"])
+    import numpy as np
+
+    from fvae import configs, losses, models, parallel, train
+
+    config = configs.get_base_config()
+    config.model.name, config.model.latent_dim = spec["model"], spec["latent_dim"]
+    config.model.upsample = spec["upsample"]
+    batch = spec["batch_size"]
+    dp = parallel.make_data_parallel(spec["devices"])
+    model = models.build_model(config.model)
+    state = dp.replicate(train.create_train_state(config, model, jax.random.key(0), 10_000))
+    num_images = spec["num_images"]
+    steps_per_epoch = num_images // batch
+    step_fn = train.make_train_step(model, config.loss, losses.make_beta_schedule(
+        config.loss, steps_per_epoch, 10_000))
+    chunk = train.make_train_chunk(step_fn, batch, steps_per_epoch,
+                                   dp.batch if dp.num_devices > 1 else None)
+    images = dp.replicate(np.random.default_rng(0).integers(0, 256, (num_images, 28, 28),
+                                                            dtype=np.uint8))
+    perm = dp.replicate(train.epoch_permutation(jax.random.key(1), 0, num_images))
+    key = dp.replicate(jax.random.key(2))
+    per_call = spec["steps_per_dispatch"]
+
+    t = time.perf_counter()
+    state, _ = chunk(state, images, perm, key, num_steps=per_call)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - t
+    for _ in range(2):  # warm-up
+        state, _ = chunk(state, images, perm, key, num_steps=per_call)
+    jax.block_until_ready(state)
+    calls = max(1, spec["steps"] // per_call)
+    t = time.perf_counter()
+    for _ in range(calls):
+        state, _ = chunk(state, images, perm, key, num_steps=per_call)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t
+    images_per_sec = calls * per_call * batch / seconds
+    flops = useful_macs_per_image(config.model) * TRAIN_FLOPS_PER_MAC
+    return {**spec, "framework": "jax", "backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
+            "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / (calls * per_call),
+            "useful_mflop_per_image": flops / 1e6,
+            "useful_gflops": images_per_sec * flops / 1e9, "peak_memory_mb": peak_memory_mb()}
+
+
+def run_child(spec: dict[str, Any], module: str = "fvae.bench") -> dict[str, Any]:
+    cmd = [sys.executable, "-m", module, "--child", json.dumps(spec)]
+    result = subprocess.run(cmd, capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
+    if result.returncode or not lines:
+        return {**spec, "error": result.stderr.strip().splitlines()[-1:] or ["no output"]}
+    return json.loads(lines[-1])
+
+
+def reference_spec(framework: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {**spec, "framework": framework, "upsample": "conv_transpose", "devices": 1}
+
+
+def format_table(rows: list[dict[str, Any]], peak: float) -> str:
+    head = ("| framework | model | latent | upsample | batch | devices | images/s | ms/step "
+            "| compile s | peak MB | useful GFLOP/s | % of matmul peak |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out = [head]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r.get('framework', 'jax')} | {r['model']} | {r['latent_dim']} | "
+                       f"{r['upsample']} | {r['batch_size']} | {r['devices']} | error: "
+                       f"{r['error'][0][:60]} |||||||")
+            continue
+        out.append(
+            f"| {r['framework']} | {r['model']} | {r['latent_dim']} | {r['upsample']} | "
+            f"{r['batch_size']} | {r['devices']} | {r['images_per_sec']:.0f} | "
+            f"{r['ms_per_step']:.1f} | {r.get('compile_s', float('nan')):.1f} | "
+            f"{r['peak_memory_mb']:.0f} | {r['useful_gflops']:.1f} | "
+            f"{100 * r['useful_gflops'] / peak:.1f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="conv")
+    parser.add_argument("--latent-dims", default="32")
+    parser.add_argument("--batch-sizes", default="128")
+    parser.add_argument("--devices", default="1,2", help="CPU devices (ignored on GPU)")
+    parser.add_argument("--upsample", default="subpixel,conv_transpose")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps-per-dispatch", type=int, default=1)
+    parser.add_argument("--num-images", type=int, default=60_000)
+    parser.add_argument("--reference", default="", help="torch and/or keras")
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_one(json.loads(args.child))))
+        return
+
+    peak = json.loads(subprocess.run(
+        [sys.executable, "-c", "import json; from fvae.bench import matmul_peak_gflops as p; "
+         "print(json.dumps(p()))"], capture_output=True, text=True).stdout)
+    rows = []
+    for model in args.models.split(","):
+        for latent in map(int, args.latent_dims.split(",")):
+            for batch in map(int, args.batch_sizes.split(",")):
+                base = {"model": model, "latent_dim": latent, "batch_size": batch,
+                        "steps": args.steps, "steps_per_dispatch": args.steps_per_dispatch,
+                        "num_images": args.num_images}
+                for framework in filter(None, args.reference.split(",")):
+                    rows.append(run_child(reference_spec(framework, base),
+                                          f"benchmarks.{framework}_reference"))
+                    print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
+                for upsample in args.upsample.split(","):
+                    for devices in map(int, args.devices.split(",")):
+                        rows.append(run_child({**base, "upsample": upsample,
+                                               "devices": devices}))
+                        print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
+    table = format_table(rows, peak)
+    print(f"\nmeasured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
+    pathlib.Path(args.out).write_text(json.dumps(
+        {"matmul_peak_gflops": peak, "results": rows}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Data parallelism: several CPU devices give the one-device result."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fvae import configs, parallel
+
+TESTS = pathlib.Path(__file__).parent
+
+SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))
+sys.path.insert(0, sys.argv[3])
+from conftest import tiny_config
+from fvae import train
+config = tiny_config(sys.argv[2], **{"train.num_devices": int(sys.argv[1]),
+                                     "train.batch_size": 32, "train.eval_batch_size": 16,
+                                     "checkpoint.enabled": False})
+state = train.train_and_evaluate(config, sys.argv[4])
+leaves = [x.tolist() for x in jax.tree.leaves(state.params)]
+print(json.dumps({"devices": jax.device_count(), "leaves": leaves}))
+"""
+
+
+def run_on(devices: int, data_dir, workdir) -> dict:
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(devices), str(data_dir),
+                             str(TESTS), str(workdir)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_several_cpu_devices_match_one(tiny_data_dir, tmp_path):
+    one = run_on(1, tiny_data_dir, tmp_path / "one")
+    for devices in (2, 4):
+        many = run_on(devices, tiny_data_dir, tmp_path / f"d{devices}")
+        assert many["devices"] == devices
+        for a, b in zip(one["leaves"], many["leaves"]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
+    lines = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    lines4 = [json.loads(l) for l in (tmp_path / "d4" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(lines, lines4):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
+def test_batch_must_divide_across_devices():
+    config = configs.get_base_config()
+    config.train.batch_size = 30
+    with pytest.raises(configs.ConfigError, match="train.batch_size=30.*multiple of the 4"):
+        configs.check_against_devices(config, 4)
+
+
+def test_asking_for_more_devices_than_exist_is_a_clear_error():
+    with pytest.raises(ValueError, match="train.num_devices=99"):
+        parallel.make_data_parallel(99)
+
+
+def test_mesh_shards_the_batch_and_replicates_the_rest():
+    dp = parallel.make_data_parallel()
+    assert dp.num_devices == jax.device_count()
+    x = dp.shard_batch(np.zeros((4 * dp.num_devices, 3)))
+    assert x.sharding.spec == jax.sharding.PartitionSpec("data")
+    assert dp.replicate(np.zeros(3)).sharding.is_fully_replicated
