@@ -29,7 +29,7 @@ from flax.training import train_state
 
 from flax import serialization
 
-from fvae import checkpoint, configs, data, losses, models, parallel, plots
+from fvae import binarize, checkpoint, configs, data, losses, models, parallel, plots
 from fvae.writer import MetricsWriter
 
 Metrics = dict[str, jax.Array]
@@ -106,8 +106,11 @@ TRAIN_METRICS = ("loss", "recon", "kl", "beta", "elbo", "grad_norm", "skipped")
 
 def make_train_step(model: models.VAE, loss_config: ml_collections.ConfigDict,
                     beta_schedule: Callable[[jax.Array], jax.Array],
-                    skip_nonfinite: bool = False):
+                    skip_nonfinite: bool = False, binarize_inputs: bool = False):
     """Returns the pure train_step(state, batch, key) -> (state, metrics).
+
+    With `binarize_inputs`, each uint8 batch is replaced by a fresh Bernoulli draw
+    (dynamic binarisation) from a key derived from the step's key.
 
     With `skip_nonfinite`, a step whose loss or gradient is not finite leaves the
     parameters and optimizer state unchanged (the step counter still advances, so
@@ -115,6 +118,8 @@ def make_train_step(model: models.VAE, loss_config: ml_collections.ConfigDict,
     """
 
     def train_step(state: TrainState, batch: jax.Array, key: jax.Array):
+        if binarize_inputs:
+            batch = binarize.binarize(jax.random.fold_in(key, 1), batch)
         x = models.to_float(batch)
         beta = beta_schedule(state.step)
 
@@ -349,8 +354,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state = create_train_state(config, model, keys.init, schedule.total_steps)
     beta_schedule = losses.make_beta_schedule(config.loss, schedule.steps_per_epoch,
                                               schedule.total_steps)
+    dynamic_binarization = config.data.binarize == "dynamic"
+    if dynamic_binarization:  # evaluate on one fixed binarisation, as published tables do
+        dataset = dataclasses.replace(
+            dataset, test_images=binarize.binarize_fixed(dataset.test_images))
     train_step = make_train_step(model, config.loss, beta_schedule,
-                                 skip_nonfinite=config.train.on_nonfinite == "skip")
+                                 skip_nonfinite=config.train.on_nonfinite == "skip",
+                                 binarize_inputs=dynamic_binarization)
     train_chunk = make_train_chunk(train_step, config.train.batch_size,
                                    schedule.steps_per_epoch,
                                    dp.batch if dp.num_devices > 1 else None)

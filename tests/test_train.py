@@ -109,3 +109,28 @@ def test_launch_rejects_unknown_keys_and_bad_values(tmp_path):
                         "--config.loss.beta=-1")
     assert result.returncode != 0 and "config.loss.beta=-1" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_dynamic_binarization_trains_on_fresh_binary_draws(make_config, tmp_path):
+    from fvae import binarize, models
+    config = make_config(**{"data.binarize": "dynamic", "train.num_steps": 2})
+    model = models.build_model(config.model)
+    state = train.create_train_state(config, model, jax.random.key(0), 2)
+    binarized_step = jax.jit(train.make_train_step(model, config.loss, lambda s: 1.0,
+                                                   binarize_inputs=True))
+    plain_step = jax.jit(train.make_train_step(model, config.loss, lambda s: 1.0))
+    batch = np.full((4, 28, 28), 128, np.uint8)
+    key = jax.random.key(1)
+    binary = binarize.binarize(jax.random.fold_in(key, 1), batch)
+    assert set(np.unique(np.asarray(binary))) == {0, 255}
+    assert 0.4 < float((np.asarray(binary) == 255).mean()) < 0.6  # p = 128/255
+    _, with_flag = binarized_step(state, batch, key)
+    _, on_binary = plain_step(state, binary, key)
+    _, on_grey = plain_step(state, batch, key)
+    assert float(with_flag["loss"]) == pytest.approx(float(on_binary["loss"]), rel=1e-6)
+    assert float(with_flag["loss"]) != pytest.approx(float(on_grey["loss"]), rel=1e-3)
+    # Another step key gives another draw.
+    _, other = binarized_step(state, batch, jax.random.key(2))
+    assert float(other["loss"]) != float(with_flag["loss"])
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 2
