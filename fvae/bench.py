@@ -138,6 +138,11 @@ def run_child(spec: dict[str, Any], module: str = "fvae.bench") -> dict[str, Any
     return json.loads(lines[-1])
 
 
+REFERENCE_MODULES = {"keras": "benchmarks.keras_reference",
+                     "torch": "benchmarks.torch_reference",
+                     "torch_compile": "benchmarks.torch_reference"}
+
+
 def reference_spec(framework: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "framework": framework, "upsample": "conv_transpose", "devices": 1}
 
@@ -172,7 +177,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--steps-per-dispatch", type=int, default=1)
     parser.add_argument("--num-images", type=int, default=60_000)
-    parser.add_argument("--reference", default="", help="torch and/or keras")
+    parser.add_argument("--reference", default="",
+                        help="comma-separated: keras, torch, torch_compile (run from the "
+                             "repository root; needs tensorflow / torch installed)")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -192,7 +199,7 @@ def main(argv=None) -> None:
                         "num_images": args.num_images}
                 for framework in filter(None, args.reference.split(",")):
                     rows.append(run_child(reference_spec(framework, base),
-                                          f"benchmarks.{framework}_reference"))
+                                          REFERENCE_MODULES[framework]))
                     print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
                 for upsample in args.upsample.split(","):
                     for devices in map(int, args.devices.split(",")):
