@@ -12,13 +12,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fvae import configs, parallel, train
+from fvae import configs, parallel, plots, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for this run's config, metrics, "
                     "checkpoints and figures.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do with the run.")
+flags.DEFINE_enum("mode", "train", ["train", "plot"],
+                  "train: train (resuming if the workdir has checkpoints); plot: write "
+                  "every figure of the run's best checkpoint to workdir/figures/.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,6 +46,9 @@ def main(argv):
         except train.TrainingInterrupted as e:
             logging.warning("%s", e)
             sys.exit(128 + e.signum)
+    elif FLAGS.mode == "plot":
+        for path in plots.write_run_figures(FLAGS.workdir, data_dir=config.data.dir):
+            print(path)
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def state_tree(state, epoch_sums: dict[str, Any]) -> dict[str, Any]:
 
 def load(workdir: str | pathlib.Path, which: str | int = "latest"):
     """(config, model, params) of a trained run: which = 'latest', 'best' or a step."""
-    from fvae import models, train  # local: train imports this module
+    from fvae import configs, models, train  # local: train imports this module
 
     root = pathlib.Path(workdir).absolute() / "checkpoints"
     kind = "best" if which == "best" else "latest"
@@ -209,10 +209,7 @@ def load(workdir: str | pathlib.Path, which: str | int = "latest"):
         raise CheckpointError(f"no checkpoint {which!r} in {root / kind} (steps: "
                               f"{manager.all_steps()})")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    config = ml_collections.ConfigDict(meta["config"])
-    for block, key in (("model", "encoder_widths"), ("model", "encoder_strides"),
-                       ("model", "decoder_widths")):
-        config[block][key] = tuple(config[block][key])
+    config = configs.from_dict(meta["config"])
     model = models.build_model(config.model)
     target = train.abstract_checkpoint_tree(config, model)
     tree = manager.restore(step, args=ocp.args.Composite(

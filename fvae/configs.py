@@ -88,6 +88,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.log_every_steps = 50  # progress-bar refresh
     c.train.progress_bar = True
     c.train.num_figure_images = 16
+    c.train.tensorboard = True  # also write workdir/tensorboard/ event files
     c.train.on_nonfinite = "stop"  # 'stop' with an error, or 'skip' the step and count it
 
     c.checkpoint = ml_collections.ConfigDict()
@@ -99,7 +100,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()  # fvae.evaluate (launch.py --mode eval)
     c.eval.iwae_samples = 5000  # K importance samples per test image (Burda et al.)
     c.eval.iwae_num_images = 0  # >0: the IWAE bound on the first N test images only
-    c.eval.iwae_decode_batch = 1024  # decoder inputs per compiled step (bounds memory)
+    c.eval.iwae_decode_batch = 0  # decoder inputs per compiled step; 0: 256 CPU, 4096 else
     c.eval.elbo_samples = 1  # posterior draws per test image for nll_recon
     c.eval.fd_num_samples = 0  # prior samples for fd_samples; 0: one per test image
     c.eval.classifier_dir = config_dict.placeholder(str)  # None: ~/.cache/fvae/classifier
@@ -109,6 +110,28 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.seed = 0  # posterior and prior draws of the evaluation
 
     return c.lock()
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """A config saved as JSON (config.json, a checkpoint) on top of the base config, so
+    keys added to fvae since the run was trained take their defaults. Lists that the
+    base config holds as tuples become tuples again; unknown keys are an error."""
+    config = get_base_config()
+
+    def fill(target: ml_collections.ConfigDict, source: dict, prefix: str) -> None:
+        for key, value in source.items():
+            if key not in target:
+                raise ConfigError(f"saved config key {prefix}{key} is unknown to this "
+                                  "version of fvae; was the run made by a newer one?")
+            if isinstance(target[key], ml_collections.ConfigDict):
+                fill(target[key], value, f"{prefix}{key}.")
+            elif isinstance(target[key], tuple):
+                target[key] = tuple(value)
+            else:
+                target[key] = value
+
+    fill(config, saved, "")
+    return config
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -214,10 +237,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_in(config, "train.on_nonfinite", ("stop", "skip"))
     _check_min(config, "checkpoint.every_steps", 0, integer=True)
     _check_min(config, "checkpoint.keep", 1, integer=True)
-    for key in ("eval.iwae_samples", "eval.iwae_decode_batch", "eval.elbo_samples",
-                "eval.classifier_epochs", "eval.probe_steps"):
+    for key in ("eval.iwae_samples", "eval.elbo_samples", "eval.classifier_epochs",
+                "eval.probe_steps"):
         _check_min(config, key, 1, integer=True)
-    for key in ("eval.iwae_num_images", "eval.fd_num_samples", "eval.seed"):
+    for key in ("eval.iwae_num_images", "eval.iwae_decode_batch", "eval.fd_num_samples",
+                "eval.seed"):
         _check_min(config, key, 0, integer=True)
     _check_min(config, "eval.probe_l2", 0.0)
     return config

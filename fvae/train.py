@@ -295,21 +295,20 @@ def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
 
 
 def save_figures(model, params, config, dataset: data.Dataset, keys: RunKeys,
-                 workdir: pathlib.Path) -> None:
-    """Reconstruction and sample grids of the final parameters."""
+                 workdir: pathlib.Path, writer: MetricsWriter, step: int) -> None:
+    """Every per-run figure (fvae.plots) and TensorBoard images of the final parameters."""
+    figures = workdir / "figures"
+    plots.write_figures(model, params, config, dataset, figures, keys.figures,
+                        num_images=config.train.num_figure_images)
+    plots.loss_curves(workdir, figures / "loss_curves.png", title=f"{config.name}: training curves")
     n = min(config.train.num_figure_images, len(dataset.test_images))
     mean_fn = functools.partial(losses.pixel_mean, loss_config=config.loss)
     originals = dataset.test_images[:n]
-    recons = models.reconstruct(model, params, originals, mean_fn=mean_fn)
-    samples = models.sample(model, params, keys.figures,
-                            config.train.num_figure_images, config.model.latent_dim,
-                            mean_fn=mean_fn)
-    figures = workdir / "figures"
-    plots.reconstruction_grid(originals / 255.0, np.asarray(recons),
-                              figures / "reconstructions.png",
-                              title=f"{config.name}: test images and reconstructions")
-    plots.sample_grid(np.asarray(samples), figures / "samples.png",
-                      title=f"{config.name}: samples from the prior")
+    recons = np.asarray(models.reconstruct(model, params, originals, mean_fn=mean_fn))
+    writer.add_images("test/reconstructions", np.concatenate(
+        [originals / 255.0, recons.reshape(originals.shape)]), step, ncols=n)
+    writer.add_images("prior/samples", np.asarray(models.sample(
+        model, params, keys.figures, n, config.model.latent_dim, mean_fn=mean_fn)), step)
 
 
 def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -379,7 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("resuming %s from the checkpoint at step %d in %s", config.name, step,
                      workdir)
     write_config(config, workdir)
-    writer = MetricsWriter(workdir, resume_step=None if restored is None else restored[0])
+    writer = MetricsWriter(workdir, resume_step=None if restored is None else restored[0],
+                           tensorboard=config.train.tensorboard)
 
     state = dp.replicate(state)
     train_images = dp.replicate(dataset.train_images)
@@ -430,7 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if ckpt is not None:
         ckpt.wait()
         ckpt.close()
-    save_figures(model, state.params, config, dataset, keys, workdir)
+    save_figures(model, state.params, config, dataset, keys, workdir, writer, step)
+    writer.close()
     return state
 
 

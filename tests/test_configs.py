@@ -45,3 +45,17 @@ def test_batch_larger_than_data_fails_before_training(make_config, tmp_path):
     with pytest.raises(configs.ConfigError, match="train.batch_size"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_saved_configs_gain_new_keys_at_their_defaults():
+    import json
+    saved = json.loads(configs.get_base_config().to_json())
+    del saved["model"]["upsample"]  # a run saved before this key existed
+    saved["model"]["latent_dim"] = 7
+    config = configs.from_dict(saved)
+    assert config.model.upsample == "subpixel" and config.model.latent_dim == 7
+    assert config.model.encoder_widths == (32, 64, 128)  # JSON lists become tuples again
+    configs.validate(config)
+    saved["model"]["flavour"] = "new"
+    with pytest.raises(configs.ConfigError, match="model.flavour"):
+        configs.from_dict(saved)

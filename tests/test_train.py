@@ -99,6 +99,16 @@ def test_launch_trains_with_command_line_overrides(tiny_data_dir, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["name"] == "keras" and saved["train"]["num_steps"] == 4
     assert read_metrics(tmp_path)[-1]["step"] == 4
+    for name in ("reconstructions", "samples", "latent_manifold", "latent_scatter",
+                 "loss_curves"):
+        (tmp_path / "figures" / f"{name}.png").unlink()
+    result = run_launch("--config", "experiments/keras_dh2.py", "--workdir", str(tmp_path),
+                        f"--config.data.dir={tiny_data_dir}", "--mode", "plot")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("reconstructions", "samples", "latent_manifold", "latent_scatter",
+                 "loss_curves"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
+    assert list((tmp_path / "tensorboard").iterdir()), "TensorBoard events are written"
 
 
 def test_launch_rejects_unknown_keys_and_bad_values(tmp_path):
