@@ -6,21 +6,23 @@
 Flags only; everything else is in the config (see fvae/configs.py).
 """
 
+import json
 import logging as std_logging
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fvae import configs, parallel, plots, train
+from fvae import configs, evaluate, parallel, plots, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for this run's config, metrics, "
                     "checkpoints and figures.")
-flags.DEFINE_enum("mode", "train", ["train", "plot"],
-                  "train: train (resuming if the workdir has checkpoints); plot: write "
-                  "every figure of the run's best checkpoint to workdir/figures/.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "plot"],
+                  "train: train (resuming if the workdir has checkpoints); eval: evaluate "
+                  "the best checkpoint on the test split into workdir/eval.json; plot: "
+                  "write every figure of the best checkpoint to workdir/figures/.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -46,6 +48,10 @@ def main(argv):
         except train.TrainingInterrupted as e:
             logging.warning("%s", e)
             sys.exit(128 + e.signum)
+    elif FLAGS.mode == "eval":
+        results = evaluate.evaluate_run(FLAGS.workdir, "best", config=config)
+        print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)},
+                         indent=2))
     elif FLAGS.mode == "plot":
         for path in plots.write_run_figures(FLAGS.workdir, data_dir=config.data.dir):
             print(path)

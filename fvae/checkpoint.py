@@ -52,13 +52,23 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json(sort_keys=True))
 
 
-def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-    """Keys whose values differ in a way that makes resuming meaningless."""
-    a, b = _flatten(saved), _flatten(config_to_dict(config))
+# The keys that define the trained model itself: what evaluating a checkpoint needs.
+MODEL_PREFIXES = ("model.", "loss.", "data.binarize")
+
+
+def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
+                       only: tuple[str, ...] | None = None) -> list[str]:
+    """Keys whose values differ in a way that makes resuming meaningless (or, with
+    `only`, differing keys among those prefixes)."""
+    from fvae import configs  # saved configs gain keys added since, at their defaults
+    a, b = _flatten(config_to_dict(configs.from_dict(saved))), _flatten(config_to_dict(config))
     keys = sorted(set(a) | set(b))
+    if only is not None:
+        keys = [k for k in keys if k.startswith(only)]
+    else:
+        keys = [k for k in keys if k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_PREFIXES)]
     return [f"{k}: checkpoint has {a.get(k, '<missing>')!r}, config has {b.get(k, '<missing>')!r}"
-            for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS
-            and not k.startswith(RESUMABLE_PREFIXES)]
+            for k in keys if a.get(k) != b.get(k)]
 
 
 def _manager(directory: pathlib.Path, keep: int | None, async_save: bool):
@@ -178,8 +188,10 @@ class Checkpointer:
         self.latest.reload()
 
 
-def check_config(saved: dict[str, Any], config: ml_collections.ConfigDict, where) -> None:
-    differences = config_differences(saved, config)
+def check_config(saved: dict[str, Any], config: ml_collections.ConfigDict, where,
+                 only: tuple[str, ...] | None = None) -> None:
+    """Raises CheckpointError listing the keys that differ (see config_differences)."""
+    differences = config_differences(saved, config, only)
     if differences:
         raise CheckpointError(
             f"the checkpoint in {where} was trained with a different config:\n  "

@@ -24,7 +24,9 @@ import matplotlib.patches  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fvae import losses, models  # noqa: E402
+from fvae import evaluate, losses, models  # noqa: E402
+from fvae.batching import map_batches  # noqa: E402
+from fvae.evaluate import ACTIVE_UNIT_THRESHOLD  # noqa: E402
 from fvae.data import CLASS_NAMES  # noqa: E402
 from fvae.writer import read_metrics, series  # noqa: E402
 
@@ -40,7 +42,7 @@ def tile(images: np.ndarray, ncols: int) -> np.ndarray:
     return canvas
 
 
-def _save(fig, path: str | os.PathLike) -> pathlib.Path:
+def save_figure(fig, path: str | os.PathLike) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -62,7 +64,7 @@ def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray,
     ax.set_yticks([13.5, 41.5], ["test images", "reconstructions"])
     ax.tick_params(axis="y", length=0)
     ax.set_title(title or "Reconstructions (pixel means)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sample_grid(samples: np.ndarray, path: str | os.PathLike, title: str = "",
@@ -75,12 +77,11 @@ def sample_grid(samples: np.ndarray, path: str | os.PathLike, title: str = "",
     ax.imshow(tile(samples, ncols), cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(title or "Samples from the prior (pixel means)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- latent-space computations (numpy; the figures below only draw them) ----
 
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x[E_q(z|x) z_d] > 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +144,8 @@ def manifold_latents(plane: LatentPlane, grid_size: int) -> tuple[np.ndarray, np
 def latent_statistics(mean: np.ndarray, logvar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(KL per dimension averaged over images, variance over images of the posterior
     mean) for posteriors [N, D]; a dimension is active when the variance exceeds
-    ACTIVE_UNIT_THRESHOLD."""
-    mean, logvar = np.asarray(mean, np.float64), np.asarray(logvar, np.float64)
-    kl = np.asarray(losses.gaussian_kl(mean[..., None], logvar[..., None]))  # [N, D]
-    return kl.mean(0), mean.var(0)
+    ACTIVE_UNIT_THRESHOLD (fvae.evaluate's definitions)."""
+    return evaluate.kl_per_dim(mean, logvar), np.var(np.float64(mean), axis=0)
 
 
 def interpolation_latents(start: np.ndarray, end: np.ndarray, num_steps: int) -> np.ndarray:
@@ -181,7 +180,7 @@ def latent_manifold(images: np.ndarray, coords: np.ndarray, plane: LatentPlane,
     ax.set_xlabel(plane.axis_labels[0])
     ax.set_ylabel(plane.axis_labels[1])
     ax.set_title(title or "Latent manifold (pixel means at Gaussian quantiles)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def latent_scatter(points: np.ndarray, labels: np.ndarray, plane: LatentPlane,
@@ -199,7 +198,7 @@ def latent_scatter(points: np.ndarray, labels: np.ndarray, plane: LatentPlane,
     ax.legend(title="class", loc="upper left", bbox_to_anchor=(1.01, 1.0),
               markerscale=2.5 if size < 12 else 1.5, frameon=False)
     ax.set_title(title or f"Test posterior means ({len(points)} images)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def interpolation_grid(originals: np.ndarray, decoded: np.ndarray,
@@ -218,7 +217,7 @@ def interpolation_grid(originals: np.ndarray, decoded: np.ndarray,
     ax.set_xlabel("test image A, decoded z = (1 - t) mean(A) + t mean(B) for t above, "
                   "test image B")
     ax.set_title(title or "Interpolations between posterior means")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def kl_per_dimension(kl: np.ndarray, mean_variance: np.ndarray,
@@ -236,7 +235,7 @@ def kl_per_dimension(kl: np.ndarray, mean_variance: np.ndarray,
     ax.legend([matplotlib.patches.Patch(color=c) for c in colors],
               [f"active: Var[mean] > {ACTIVE_UNIT_THRESHOLD}", "inactive"], frameon=False)
     ax.set_title(f"{title or 'KL per latent dimension'} ({active.sum()} of {len(kl)} active)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_curves(workdir: str | os.PathLike, path: str | os.PathLike,
@@ -269,24 +268,10 @@ def loss_curves(workdir: str | os.PathLike, path: str | os.PathLike,
     axes[0].legend(frameon=False)
     fig.suptitle(title or f"{pathlib.Path(workdir).name}: training curves")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- everything for one run ----
-
-def _batched(fn, array: np.ndarray, batch_size: int):
-    """fn over `array` in batches of one fixed size (the last padded), so a jitted fn
-    compiles once; returns numpy arrays (or tuples of them) of len(array)."""
-    size = max(1, min(batch_size, len(array)))
-    outputs = []
-    for start in range(0, len(array), size):
-        chunk = array[start:start + size]
-        n = len(chunk)
-        if n < size:
-            chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], fn(chunk)))
-    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
-
 
 def write_figures(model, params, config: ml_collections.ConfigDict, dataset,
                   out_dir: str | os.PathLike, key: jax.Array, num_images: int = 16,
@@ -303,10 +288,10 @@ def write_figures(model, params, config: ml_collections.ConfigDict, dataset,
     decode = jax.jit(lambda p, z: mean_fn(models.decode(model, p, z)))
 
     def to_images(z):
-        return _batched(functools.partial(decode, params), z, batch_size)
+        return map_batches(functools.partial(decode, params), z, batch_size)
 
     test, labels = dataset.test_images, dataset.test_labels
-    mean, logvar = _batched(functools.partial(encode, params), test, batch_size)
+    mean, logvar = map_batches(functools.partial(encode, params), test, batch_size)
 
     n = min(num_images, len(test))
     paths = [reconstruction_grid(test[:n] / 255.0, to_images(mean[:n]),

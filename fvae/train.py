@@ -29,7 +29,8 @@ from flax.training import train_state
 
 from flax import serialization
 
-from fvae import binarize, checkpoint, configs, data, losses, models, parallel, plots
+from fvae import (binarize, checkpoint, configs, data, evaluate, losses, models, parallel,
+                  plots)
 from fvae.writer import MetricsWriter
 
 Metrics = dict[str, jax.Array]
@@ -251,7 +252,7 @@ def default_steps_per_dispatch(steps_per_epoch: int) -> int:
     return 1 if jax.default_backend() == "cpu" else steps_per_epoch
 
 
-def evaluate(eval_step, params, images: np.ndarray, batch_size: int, key: jax.Array,
+def evaluate_losses(eval_step, params, images: np.ndarray, batch_size: int, key: jax.Array,
              beta: float, dp: parallel.DataParallel | None = None) -> dict[str, float]:
     """Mean loss parts over all `images` with a jitted eval_step; the last batch is
     padded and masked out. With `dp`, each batch is split across its devices."""
@@ -417,9 +418,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 jax.block_until_ready(state)
                 images_per_sec = ((step - timer_step) * config.train.batch_size
                                   / (time.time() - timer_t0))
-                _end_epoch(config, state, sums, step, epoch, epoch_start, images_per_sec,
-                           start_time, beta_schedule, eval_step, dataset, keys, writer,
-                           ckpt, bar, dp)
+                _end_epoch(config, model, state, sums, step, epoch, epoch_start,
+                           images_per_sec, start_time, beta_schedule, eval_step, dataset,
+                           keys, writer, ckpt, bar, dp)
                 sums, timer_step, timer_t0 = zero_metrics(), step, time.time()
             if save_now:
                 ckpt.save(step, checkpoint.state_tree(state, sums))
@@ -435,16 +436,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def _end_epoch(config, state, sums, step, epoch, epoch_start, images_per_sec, start_time,
-               beta_schedule, eval_step, dataset, keys, writer, ckpt, bar, dp) -> None:
+def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_sec,
+               start_time, beta_schedule, eval_step, dataset, keys, writer, ckpt, bar,
+               dp) -> None:
     """Writes the epoch's train and test lines and keeps the best checkpoint."""
     train_metrics = mean_metrics(sums, step - epoch_start)
     common = {"epoch": epoch + 1, "step": step, "wall_time": time.time() - start_time}
     writer.write({"split": "train", **common, **train_metrics,
                   "images_per_sec": images_per_sec})
     beta_now = float(beta_schedule(step - 1))
-    test_metrics = evaluate(eval_step, state.params, dataset.test_images,
+    test_metrics = evaluate_losses(eval_step, state.params, dataset.test_images,
                             config.train.eval_batch_size, keys.eval, beta_now, dp)
+    if config.train.epoch_metrics_images:  # reconstruction quality and active units
+        test_metrics.update(evaluate.cheap_metrics(
+            model, state.params, config, dataset.test_images[:config.train.epoch_metrics_images]))
     writer.write({"split": "test", **common, **test_metrics, "beta": beta_now})
     if ckpt is not None:
         ckpt.save_best(step, checkpoint.state_tree(state, zero_metrics()), test_metrics["elbo"])

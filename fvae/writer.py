@@ -21,7 +21,7 @@ TENSORBOARD_DIR = "tensorboard"
 BOOKKEEPING_KEYS = ("split", "epoch", "step", "wall_time")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -92,7 +92,7 @@ class MetricsWriter:
                             if tensorboard else None)
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps({k: _jsonable(v) for k, v in record.items()})
+        line = json.dumps({k: jsonable(v) for k, v in record.items()})
         with open(self.path, "a") as f:
             f.write(line + "\n")
             f.flush()

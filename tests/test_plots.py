@@ -39,13 +39,13 @@ def runs(tiny_data_dir, tmp_path_factory):
 @pytest.fixture
 def captured(monkeypatch):
     """{file name: Figure} of every figure plots saves during a test."""
-    figures, save = {}, plots._save
+    figures, save = {}, plots.save_figure
 
     def capture(fig, path):
         figures[pathlib.Path(path).name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", capture)
+    monkeypatch.setattr(plots, "save_figure", capture)
     return figures
 
 
