@@ -76,11 +76,14 @@ def load_run(workdir: str | os.PathLike) -> Run:
 
 
 def settings(run: Run) -> dict[str, Any]:
-    """The settings that tell runs apart: likelihood/reduction, beta, latent_dim."""
+    """The settings that tell runs apart: likelihood (with mse's reduction or gaussian's
+    variance), beta, latent_dim."""
     loss = run.config.get("loss", {})
     likelihood = loss.get("likelihood", "?")
-    if likelihood != "bce":  # bce always sums over pixels
+    if likelihood == "mse":  # only mse has a choice of reduction
         likelihood += f"/{loss.get('reduction', '?')}"
+    elif likelihood == "gaussian":
+        likelihood += f"/{loss.get('gaussian_variance', '?')} variance"
     beta = f"{loss.get('beta', float('nan')):g}"
     if loss.get("beta_schedule", "constant") != "constant":
         beta += f" ({loss['beta_schedule']})"

@@ -14,7 +14,9 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-LIKELIHOODS = ("bce", "mse")
+LIKELIHOODS = ("bce", "mse", "continuous_bernoulli", "gaussian", "discretized_logistic")
+GAUSSIAN_VARIANCES = ("learned", "optimal")
+DECODER_SCALES = ("none", "shared", "per_pixel")
 REDUCTIONS = ("sum", "mean")
 MODELS = ("conv", "keras")
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
@@ -57,10 +59,20 @@ def get_base_config() -> ml_collections.ConfigDict:
     # nn.ConvTranspose, faster), 'conv_transpose' (flax's own) or 'pixel_shuffle' (a
     # free 2x2 conv + depth-to-space: a slightly larger function class, not the study's).
     c.model.upsample = "subpixel"
+    # A log-scale channel for likelihoods that need one: 'none', 'shared' (one learned
+    # scalar for all pixels: gaussian with learned variance, the sigma-VAE) or
+    # 'per_pixel' (a second decoder output: discretized_logistic). It must match the
+    # likelihood (validate says which); 'none' keeps the one-logit decoder exactly.
+    c.model.decoder_scale = "none"
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.likelihood = "bce"  # 'bce' (Bernoulli, summed) or 'mse'
-    c.loss.reduction = "sum"  # for mse: 'sum' or 'mean' over pixels
+    # 'bce' (Bernoulli), 'mse', 'continuous_bernoulli', 'gaussian' (sigma-VAE) or
+    # 'discretized_logistic' (256 bins, bits per dimension); see fvae/losses.py.
+    c.loss.likelihood = "bce"
+    c.loss.reduction = "sum"  # for mse: 'sum' or 'mean' over pixels; others sum
+    # gaussian: 'optimal' (sigma^2 = the batch's MSE, no parameter) or 'learned' (one
+    # log sigma learned by the decoder; needs model.decoder_scale='shared').
+    c.loss.gaussian_variance = "optimal"
     c.loss.beta = 1.0
     c.loss.beta_schedule = "constant"  # 'constant', 'linear' or 'cyclical'
     c.loss.beta_start = 0.0  # first value of a linear or cyclical schedule
@@ -89,6 +101,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.progress_bar = True
     c.train.num_figure_images = 16
     c.train.tensorboard = True  # also write workdir/tensorboard/ event files
+    c.train.epoch_metrics_images = 1000  # test images for per-epoch SSIM etc.; 0: off
     c.train.on_nonfinite = "stop"  # 'stop' with an error, or 'skip' the step and count it
 
     c.checkpoint = ml_collections.ConfigDict()
@@ -179,6 +192,15 @@ def _flat_keys(config, prefix: str = "") -> set[str]:
     return keys
 
 
+def decoder_scales_for(loss_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The model.decoder_scale values the likelihood can use: a log-scale channel for
+    the discretized logistic and the learned-variance Gaussian, none for the others."""
+    if loss_config.likelihood == "discretized_logistic" or (
+            loss_config.likelihood == "gaussian" and loss_config.gaussian_variance == "learned"):
+        return ("shared", "per_pixel")
+    return ("none",)
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad key; returns the config unchanged."""
     unknown = sorted(_flat_keys(config) - _flat_keys(get_base_config()))
@@ -205,9 +227,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_min(config, "model.encoder_dense", 1, integer=True)
     _check_in(config, "loss.likelihood", LIKELIHOODS)
     _check_in(config, "loss.reduction", REDUCTIONS)
-    if config.loss.likelihood == "bce" and config.loss.reduction != "sum":
+    if config.loss.likelihood != "mse" and config.loss.reduction != "sum":
         _fail("loss.reduction", config.loss.reduction,
-              "'sum' for the bce likelihood (a Bernoulli log-likelihood sums over pixels)")
+              f"'sum' for the {config.loss.likelihood} likelihood (a log-likelihood sums "
+              "over pixels; only mse has a 'mean' variant)")
+    _check_in(config, "loss.gaussian_variance", GAUSSIAN_VARIANCES)
+    _check_in(config, "model.decoder_scale", DECODER_SCALES)
+    scales = decoder_scales_for(config.loss)
+    if config.model.decoder_scale not in scales:
+        _fail("model.decoder_scale", config.model.decoder_scale,
+              f"{' or '.join(map(repr, scales))} for loss.likelihood="
+              f"{config.loss.likelihood!r}" + (
+                  f" with loss.gaussian_variance={config.loss.gaussian_variance!r}"
+                  if config.loss.likelihood == "gaussian" else ""))
     _check_min(config, "loss.beta", 0.0)
     _check_min(config, "loss.beta_start", 0.0)
     _check_in(config, "loss.beta_schedule", BETA_SCHEDULES)
@@ -235,6 +267,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_min(config, "train.log_every_steps", 1, integer=True)
     _check_min(config, "train.num_figure_images", 1, integer=True)
     _check_in(config, "train.on_nonfinite", ("stop", "skip"))
+    _check_min(config, "train.epoch_metrics_images", 0, integer=True)
     _check_min(config, "checkpoint.every_steps", 0, integer=True)
     _check_min(config, "checkpoint.keep", 1, integer=True)
     for key in ("eval.iwae_samples", "eval.elbo_samples", "eval.classifier_epochs",

@@ -2,7 +2,10 @@
 
 `ConvVAE` is the study's high-capacity model; `KerasVAE` is the classic small model
 of the Keras example. Both decoders return logits (pre-sigmoid); what a logit means
-as an image is the likelihood's business (`fvae.losses.pixel_mean`).
+as an image is the likelihood's business (`fvae.losses.pixel_mean`). Likelihoods with
+a scale (model.decoder_scale) get a second channel holding its log: one learned
+scalar shared by all pixels ('shared'), or a second output of the last layer
+('per_pixel'). With 'none' the parameters are exactly those of a one-logit decoder.
 """
 
 from __future__ import annotations
@@ -84,6 +87,21 @@ def upsample(features: int, impl: str, name: str) -> nn.Module:
     return UPSAMPLERS[impl](features, name=name)
 
 
+def output_channels(scale: str) -> int:
+    """Channels of the decoder's last layer: a second one for a per-pixel log-scale."""
+    return 2 if scale == "per_pixel" else 1
+
+
+def with_shared_scale(module: nn.Module, out: jax.Array, scale: str) -> jax.Array:
+    """Appends one learned log-scale (init 0), broadcast to every pixel, as a second
+    channel when scale == 'shared'; call from a compact __call__."""
+    if scale != "shared":
+        return out
+    log_scale = module.param("log_scale", nn.initializers.zeros_init(), ())
+    return jnp.concatenate([out, jnp.broadcast_to(log_scale, out.shape).astype(out.dtype)],
+                           axis=-1)
+
+
 class ResBlock(nn.Module):
     """Two 3x3 convs with a skip connection."""
     width: int
@@ -112,10 +130,12 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Dense to 7x7, two stride-2 transposed convs, residual blocks, 1-channel logits."""
+    """Dense to 7x7, two stride-2 transposed convs, residual blocks, 1-channel logits
+    (and a log-scale channel, see `scale`)."""
     widths: Sequence[int] = (128, 64, 32)
     num_res_blocks: int = 2
     upsample: str = "subpixel"
+    scale: str = "none"  # one of configs.DECODER_SCALES
 
     @nn.compact
     def __call__(self, z):
@@ -125,7 +145,8 @@ class ConvDecoder(nn.Module):
             x = nn.relu(upsample(width, self.upsample, f"ConvTranspose_{i}")(x))
         for _ in range(self.num_res_blocks):
             x = ResBlock(self.widths[-1])(x)
-        return nn.Conv(1, (3, 3))(x)
+        return with_shared_scale(self, nn.Conv(output_channels(self.scale), (3, 3))(x),
+                                 self.scale)
 
 
 class KerasEncoder(nn.Module):
@@ -144,13 +165,16 @@ class KerasEncoder(nn.Module):
 class KerasDecoder(nn.Module):
     """The Keras example's decoder: Dense(7*7*64) and three transposed convs."""
     upsample: str = "subpixel"
+    scale: str = "none"  # one of configs.DECODER_SCALES
 
     @nn.compact
     def __call__(self, z):
         x = nn.relu(nn.Dense(7 * 7 * 64)(z)).reshape(z.shape[0], 7, 7, 64)
         x = nn.relu(upsample(64, self.upsample, "ConvTranspose_0")(x))
         x = nn.relu(upsample(32, self.upsample, "ConvTranspose_1")(x))
-        return nn.ConvTranspose(1, (3, 3), padding="SAME", name="ConvTranspose_2")(x)
+        out = nn.ConvTranspose(output_channels(self.scale), (3, 3), padding="SAME",
+                               name="ConvTranspose_2")(x)
+        return with_shared_scale(self, out, self.scale)
 
 
 class VAE(nn.Module):
@@ -179,12 +203,13 @@ def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Ar
 def build_model(model_config: ml_collections.ConfigDict) -> VAE:
     """Builds the VAE the config's `model` block names."""
     if model_config.name == "keras":
-        return VAE(KerasEncoder(model_config.latent_dim), KerasDecoder(model_config.upsample))
+        return VAE(KerasEncoder(model_config.latent_dim),
+                   KerasDecoder(model_config.upsample, model_config.decoder_scale))
     return VAE(
         ConvEncoder(model_config.latent_dim, tuple(model_config.encoder_widths),
                     tuple(model_config.encoder_strides), model_config.encoder_dense),
         ConvDecoder(tuple(model_config.decoder_widths), model_config.num_res_blocks,
-                    model_config.upsample))
+                    model_config.upsample, model_config.decoder_scale))
 
 
 def init_params(model: VAE, key: jax.Array):
@@ -206,7 +231,7 @@ def encode(model: VAE, params, images: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 def decode(model: VAE, params, z: jax.Array) -> jax.Array:
-    """Decoder logits [B, 28, 28, 1] for latents z."""
+    """Decoder outputs (logits, and a log-scale channel if any) [B, 28, 28, C] for z."""
     return model.apply({"params": params}, z, method=VAE.decode)
 
 
