@@ -67,3 +67,14 @@ def tiny_config(data_dir, **overrides):
 @pytest.fixture
 def make_config(tiny_data_dir):
     return lambda **overrides: tiny_config(tiny_data_dir, **overrides)
+
+
+def write_experiment(path: pathlib.Path, data_dir, **overrides) -> pathlib.Path:
+    """An experiment file whose get_config() is tiny_config(data_dir, **overrides), for
+    code that takes a config file (launch.py in a subprocess, fvae.sweep)."""
+    tests = pathlib.Path(__file__).parent
+    path.write_text(
+        f"import sys\nsys.path.insert(0, {str(tests)!r})\n"
+        "from conftest import tiny_config\n\n"
+        f"def get_config():\n    return tiny_config({str(data_dir)!r}, **{overrides!r})\n")
+    return path

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from fvae import checkpoint, losses, train
+from conftest import write_experiment
 from fvae.writer import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
-TESTS = pathlib.Path(__file__).parent
 TIMING_KEYS = {"wall_time", "images_per_sec"}
 
 
@@ -27,14 +27,6 @@ def assert_same_params(a, b):
 def assert_same_metrics(workdir_a, workdir_b):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]  # noqa
     assert strip(read_metrics(workdir_a)) == strip(read_metrics(workdir_b))
-
-
-def write_experiment(path: pathlib.Path, data_dir, **overrides) -> pathlib.Path:
-    path.write_text(
-        f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-        "from conftest import tiny_config\n\n"
-        f"def get_config():\n    return tiny_config({str(data_dir)!r}, **{overrides!r})\n")
-    return path
 
 
 class Run:

@@ -30,6 +30,7 @@ def test_training_lowers_the_test_loss_and_writes_the_run(make_config, tmp_path)
     for r in records:
         assert {"split", "epoch", "step", "wall_time", "loss", "recon", "kl", "beta",
                 "elbo"} <= set(r)
+    assert all({"ssim", "psnr", "sharpness", "active_units"} <= set(r) for r in test)
     assert all(r["images_per_sec"] > 0 for r in records if r["split"] == "train")
     assert json.loads((tmp_path / "config.json").read_text())["name"] == "tiny"
     for name in ("reconstructions.png", "samples.png"):
@@ -103,12 +104,22 @@ def test_launch_trains_with_command_line_overrides(tiny_data_dir, tmp_path):
                  "loss_curves"):
         (tmp_path / "figures" / f"{name}.png").unlink()
     result = run_launch("--config", "experiments/keras_dh2.py", "--workdir", str(tmp_path),
-                        f"--config.data.dir={tiny_data_dir}", "--mode", "plot")
+                        f"--config.data.dir={tiny_data_dir}", "--mode", "plot",
+                        "--config.data.verify_checksums=False")
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("reconstructions", "samples", "latent_manifold", "latent_scatter",
                  "loss_curves"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
     assert list((tmp_path / "tensorboard").iterdir()), "TensorBoard events are written"
+    result = run_launch("--config", "experiments/keras_dh2.py", "--workdir", str(tmp_path),
+                        f"--config.data.dir={tiny_data_dir}", "--mode", "eval",
+                        "--config.data.verify_checksums=False",
+                        "--config.eval.iwae_samples=3", "--config.eval.classifier_epochs=1",
+                        f"--config.eval.classifier_dir={tmp_path / 'classifier'}",
+                        "--config.eval.probe_steps=5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["iwae_samples"] == 3 and results["iwae_nll"] <= results["elbo"] + 1e-3
 
 
 def test_launch_rejects_unknown_keys_and_bad_values(tmp_path):

@@ -1,0 +1,256 @@
+"""Ablations in one command: a grid of runs with seeds, evaluated and tabulated.
+
+    python -m fvae.sweep --config experiments/ablation.py:quick --sweep_dir runs/ablation
+
+A sweep config names a base experiment, the axes to vary and the seeds. Every point
+of the grid and every seed gets its own workdir (sweep_dir/<point>/seed<k>), trained
+with fvae.train and evaluated with fvae.evaluate; rerunning the command skips finished
+runs and resumes interrupted ones from their checkpoints. The results go to
+sweep_dir/results.{md,csv} (mean and standard deviation over seeds) and
+sweep_dir/figures/.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import logging
+import pathlib
+from typing import Any, Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from fvae import configs
+
+# Axis name -> value -> config overrides. Values are what a sweep config lists.
+LIKELIHOODS = {
+    "bce": {"loss.likelihood": "bce", "loss.reduction": "sum"},
+    "mse-sum": {"loss.likelihood": "mse", "loss.reduction": "sum"},
+    "mse-mean": {"loss.likelihood": "mse", "loss.reduction": "mean"},
+}
+
+
+def _likelihood(value: str, sweep) -> dict[str, Any]:
+    if value not in LIKELIHOODS:
+        raise configs.ConfigError(f"sweep likelihood {value!r} is unknown: expected one of "
+                                  f"{', '.join(LIKELIHOODS)}")
+    return LIKELIHOODS[value]
+
+
+def _warmup(value: str, sweep) -> dict[str, Any]:
+    if value == "on":
+        return {"loss.beta_schedule": "linear", "loss.beta_start": 0.0,
+                "loss.warmup_epochs": float(sweep.warmup_epochs)}
+    if value == "off":
+        return {"loss.beta_schedule": "constant"}
+    raise configs.ConfigError(f"sweep warmup {value!r} is invalid: expected 'on' or 'off'")
+
+
+AXES: dict[str, Callable[[Any, Any], dict[str, Any]]] = {
+    "likelihood": _likelihood,
+    "beta": lambda v, sweep: {"loss.beta": float(v)},
+    "latent": lambda v, sweep: {"model.latent_dim": int(v)},
+    "warmup": _warmup,
+}
+
+# What the results table reports, from each run's eval.json (lower or higher is better).
+METRICS = ("elbo", "iwae_nll", "kl", "recon_mse", "ssim", "sharpness", "fd_samples",
+           "fd_recons", "active_units", "probe_accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One cell of the grid: its axis values and the config overrides they imply."""
+    values: tuple[tuple[str, Any], ...]
+    overrides: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return ",".join(f"{axis}={value}" for axis, value in self.values)
+
+
+def grid(sweep: ml_collections.ConfigDict) -> list[Point]:
+    """Every combination of the sweep's axes, in the order the config lists them."""
+    unknown = sorted(set(sweep.axes) - set(AXES))
+    if unknown:
+        raise configs.ConfigError(f"unknown sweep axes {unknown}: expected some of "
+                                  f"{', '.join(AXES)}")
+    names = list(sweep.axes.keys())
+    points = []
+    for combo in itertools.product(*(sweep.axes[n] for n in names)):
+        overrides = {}
+        for name, value in zip(names, combo):
+            overrides.update(AXES[name](value, sweep))
+        points.append(Point(tuple(zip(names, combo)), overrides))
+    return points
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+        node = node[part]
+    node[last] = type(node[last])(value) if isinstance(node[last], tuple) else value
+
+
+def flatten(block: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'num_epochs': 4}} -> {'train.num_epochs': 4}."""
+    flat = {}
+    for key, value in block.items():
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def point_config(sweep: ml_collections.ConfigDict, point: Point, seed: int
+                 ) -> ml_collections.ConfigDict:
+    """The full, validated config of one run: base experiment, sweep overrides, point."""
+    config = configs.load_config_file(sweep.base)
+    for key, value in {**flatten(sweep.overrides), **point.overrides}.items():
+        set_key(config, key, value)
+    config.seed = int(seed)
+    config.name = f"{pathlib.Path(sweep.base).stem}[{point.name}]"
+    return configs.validate(config)
+
+
+def run_dir(sweep_dir: pathlib.Path, point: Point, seed: int) -> pathlib.Path:
+    return sweep_dir / point.name.replace("=", "-") / f"seed{seed}"
+
+
+def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
+              data_dir: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Trains and evaluates every (point, seed) not yet evaluated; writes the results."""
+    from fvae import evaluate, train
+
+    sweep_dir = pathlib.Path(sweep_dir)
+    points = grid(sweep)
+    runs = [(p, s, point_config(sweep, p, s)) for p in points for s in sweep.seeds]
+    if data_dir:
+        for _, _, config in runs:
+            config.data.dir = data_dir
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(sweep.to_json(indent=2, sort_keys=True) + "\n")
+    for i, (point, seed, config) in enumerate(runs):
+        workdir = run_dir(sweep_dir, point, seed)
+        if (workdir / "eval.json").exists():
+            logging.info("[%d/%d] %s seed %d: done, skipped", i + 1, len(runs), point.name, seed)
+            continue
+        logging.info("[%d/%d] %s seed %d: training in %s", i + 1, len(runs), point.name,
+                     seed, workdir)
+        config.train.progress_bar = progress
+        train.train_and_evaluate(config, str(workdir))
+        evaluate.evaluate_run(workdir, "best", config=config, progress=progress)
+    rows = summarize(sweep_dir, points, sweep.seeds)
+    write_results(sweep_dir, rows)
+    write_figures(sweep_dir, points, sweep.seeds)
+    return rows
+
+
+def summarize(sweep_dir: pathlib.Path, points: Sequence[Point], seeds: Sequence[int]
+              ) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of every metric, one row per point."""
+    rows = []
+    for point in points:
+        evals = []
+        for seed in seeds:
+            path = run_dir(sweep_dir, point, seed) / "eval.json"
+            if path.exists():
+                evals.append(json.loads(path.read_text()))
+        row: dict[str, Any] = {**dict(point.values), "seeds": len(evals)}
+        for metric in METRICS:
+            values = [float(e[metric]) for e in evals if metric in e]
+            if values:
+                row[f"{metric}_mean"] = float(np.mean(values))
+                row[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def write_results(sweep_dir: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+    """results.csv (every column) and results.md (mean ± std per metric)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(sweep_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    axes = [c for c in columns if not c.endswith(("_mean", "_std"))]
+    metrics = [m for m in METRICS if f"{m}_mean" in columns]
+    lines = ["| " + " | ".join(axes + metrics) + " |", "|" + "---|" * (len(axes) + len(metrics))]
+    for row in rows:
+        cells = [str(row.get(a, "")) for a in axes]
+        for m in metrics:
+            cells.append(f"{row[m + '_mean']:.4g} ± {row[m + '_std']:.2g}"
+                         if f"{m}_mean" in row else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def write_figures(sweep_dir: pathlib.Path, points: Sequence[Point], seeds: Sequence[int]
+                  ) -> list[pathlib.Path]:
+    """Test-ELBO curves grouped by each axis, and reconstructions side by side."""
+    from fvae import plots
+    from fvae.writer import read_metrics, series
+
+    import matplotlib.pyplot as plt
+
+    out = sweep_dir / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    axes = [name for name, _ in points[0].values] if points else []
+    for axis in axes:
+        values = list(dict.fromkeys(dict(p.values)[axis] for p in points))
+        colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(values)}
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for point in points:
+            for seed in seeds:
+                steps, elbo = series(read_metrics(run_dir(sweep_dir, point, seed)), "test",
+                                     "elbo")
+                if len(steps):
+                    ax.plot(steps, elbo, color=colours[dict(point.values)[axis]], alpha=0.7)
+        for value in values:
+            ax.plot([], [], color=colours[value], label=f"{axis}={value}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("test negative ELBO (nats/image)")
+        ax.set_title(f"Test negative ELBO by {axis} (every point and seed)")
+        ax.legend()
+        paths.append(plots.save_figure(fig, out / f"elbo_by_{axis}.png"))
+    recon_rows = [(point.name, run_dir(sweep_dir, point, seeds[0]) / "figures" /
+                   "reconstructions.png") for point in points]
+    recon_rows = [(n, p) for n, p in recon_rows if p.exists()]
+    if recon_rows:
+        fig, axs = plt.subplots(len(recon_rows), 1, figsize=(10, 1.6 * len(recon_rows)),
+                                squeeze=False)
+        for ax, (name, path) in zip(axs[:, 0], recon_rows):
+            ax.imshow(plt.imread(path))
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+        fig.suptitle("Test images and reconstructions, by point (seed %d)" % seeds[0])
+        paths.append(plots.save_figure(fig, out / "reconstructions_by_point.png"))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Sweep config (experiments/ablation.py:quick).")
+    flags.DEFINE_string("sweep_dir", None, "Directory for every run of the sweep.")
+    flags.DEFINE_string("data_dir", None, "Overrides data.dir of every run.")
+    flags.mark_flags_as_required(["config", "sweep_dir"])
+
+    def run(_):
+        logging.getLogger().setLevel(logging.INFO)
+        rows = run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)
+        print((pathlib.Path(flags.FLAGS.sweep_dir) / "results.md").read_text())
+        return rows
+
+    app.run(run, argv)
+
+
+if __name__ == "__main__":
+    main()

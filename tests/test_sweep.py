@@ -1,0 +1,81 @@
+"""The sweep: a CI-sized ablation end to end, resumable, tabulated."""
+
+import json
+
+import ml_collections
+import pytest
+
+from conftest import write_experiment
+from fvae import configs, sweep, train
+
+
+def tiny_sweep(tmp_path, data_dir) -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.base = str(write_experiment(tmp_path / "tiny.py", data_dir))
+    s.warmup_epochs = 1.0
+    s.axes = ml_collections.ConfigDict({"likelihood": ("mse-mean", "bce"),
+                                        "warmup": ("on",)})
+    s.seeds = (0, 1)
+    s.overrides = ml_collections.ConfigDict({
+        "train": {"num_epochs": 2},
+        "eval": {"iwae_samples": 4, "classifier_epochs": 1, "probe_steps": 20,
+                 "classifier_dir": str(tmp_path / "classifier")}})
+    return s
+
+
+def test_grid_maps_axis_values_to_config_overrides(tmp_path, tiny_data_dir):
+    s = tiny_sweep(tmp_path, tiny_data_dir)
+    s.axes.beta = (0.1, 1.0)
+    points = sweep.grid(s)
+    assert len(points) == 4
+    config = sweep.point_config(s, points[0], seed=1)
+    assert (config.loss.beta, config.loss.likelihood, config.loss.reduction) == (0.1, "mse", "mean")
+    assert (config.seed, config.train.num_epochs, config.loss.beta_schedule) == (1, 2, "linear")
+    s.axes.colour = ("red",)
+    with pytest.raises(configs.ConfigError, match="colour"):
+        sweep.grid(s)
+
+
+def test_quick_sweep_runs_resumes_and_tabulates(tmp_path, tiny_data_dir, monkeypatch):
+    s = tiny_sweep(tmp_path, tiny_data_dir)
+    out = tmp_path / "sweep"
+    rows = sweep.run_sweep(s, out, progress=False)
+    assert [(r["likelihood"], r["seeds"]) for r in rows] == [("mse-mean", 2), ("bce", 2)]
+    for row in rows:
+        for metric in ("elbo", "iwae_nll", "ssim", "sharpness", "active_units",
+                       "probe_accuracy", "fd_samples"):
+            assert f"{metric}_mean" in row and f"{metric}_std" in row, metric
+        assert row["elbo_std"] > 0  # two seeds really differ
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == 4 and "±" in table
+    assert (out / "results.csv").read_text().startswith("likelihood,warmup,seeds")
+    for name in ("elbo_by_likelihood.png", "elbo_by_warmup.png",
+                 "reconstructions_by_point.png"):
+        assert (out / "figures" / name).stat().st_size > 1000
+
+    # Rerunning trains nothing when every run is evaluated...
+    calls = []
+    original = train.train_and_evaluate
+    monkeypatch.setattr(train, "train_and_evaluate",
+                        lambda c, w: calls.append(w) or original(c, w))
+    sweep.run_sweep(s, out, progress=False)
+    assert calls == []
+    # ...and only the run whose evaluation is missing.
+    victim = sweep.run_dir(out, sweep.grid(s)[1], 1)
+    (victim / "eval.json").unlink()
+    again = sweep.run_sweep(s, out, progress=False)
+    assert calls == [str(victim)]
+    assert json.loads((victim / "eval.json").read_text())["elbo"] == pytest.approx(
+        again[1]["elbo_mean"] * 2 - json.loads(
+            (sweep.run_dir(out, sweep.grid(s)[1], 0) / "eval.json").read_text())["elbo"])
+
+
+@pytest.mark.parametrize("preset,num_points", [("quick", 12), ("full", 48)])
+def test_ablation_presets_expand_to_valid_configs(preset, num_points, monkeypatch):
+    import pathlib
+    monkeypatch.chdir(pathlib.Path(__file__).parent.parent)  # sweep.base is repo-relative
+    s = __import__("experiments.ablation", fromlist=["get_config"]).get_config(preset)
+    points = sweep.grid(s)
+    assert len(points) == num_points
+    for point in points:
+        sweep.point_config(s, point, s.seeds[-1])  # validates
