@@ -8,11 +8,13 @@ Flags only; everything else is in the config (see fvae/configs.py).
 
 import json
 import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import fvae
 from fvae import configs, evaluate, parallel, plots, train
 
 FLAGS = flags.FLAGS
@@ -26,12 +28,16 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "plot"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+OWN_FILES = (os.path.dirname(os.path.abspath(fvae.__file__)) + os.sep,
+             os.path.abspath(__file__))
+
+
 class OwnInfoOnly(std_logging.Filter):
-    """INFO lines from fvae only; warnings and errors from every library."""
+    """INFO lines from fvae's own files only; warnings and errors from every library."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "fvae" in record.pathname \
-            or record.pathname.endswith("launch.py")
+        return record.levelno >= std_logging.WARNING or \
+            os.path.abspath(record.pathname).startswith(OWN_FILES)
 
 
 def main(argv):
@@ -40,8 +46,7 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(OwnInfoOnly())
     config = configs.validate(FLAGS.config)
-    parallel.initialize_distributed()  # both must precede any JAX computation
-    parallel.configure_cpu_devices(config.train.cpu_devices)
+    parallel.setup_runtime(config)  # before any JAX computation
     if FLAGS.mode == "train":
         try:
             train.train_and_evaluate(config, FLAGS.workdir)

@@ -67,7 +67,6 @@ def peak_memory_mb() -> float:
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     """Measured fp32 matmul throughput of the default device: the roofline to quote."""
     import jax
-    import jax.numpy as jnp
     a = jax.random.normal(jax.random.key(0), (n, n))
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -91,6 +90,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     config.model.name, config.model.latent_dim = spec["model"], spec["latent_dim"]
     config.model.upsample = spec["upsample"]
     batch = spec["batch_size"]
+    if jax.default_backend() != "cpu":  # --devices counts CPU devices; use the accelerators
+        spec = {**spec, "devices": min(spec["devices"], jax.device_count())}
     dp = parallel.make_data_parallel(spec["devices"])
     model = models.build_model(config.model)
     state = dp.replicate(train.create_train_state(config, model, jax.random.key(0), 10_000))
@@ -187,9 +188,12 @@ def main(argv=None) -> None:
         print(json.dumps(run_one(json.loads(args.child))))
         return
 
-    peak = json.loads(subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-c", "import json; from fvae.bench import matmul_peak_gflops as p; "
-         "print(json.dumps(p()))"], capture_output=True, text=True).stdout)
+         "print(json.dumps(p()))"], capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"measuring the matmul peak failed:\n{result.stderr[-2000:]}")
+    peak = json.loads(result.stdout)
     rows = []
     for model in args.models.split(","):
         for latent in map(int, args.latent_dims.split(",")):

@@ -28,10 +28,17 @@ from flax import serialization
 
 # Keys that may change between a run and its resumption without changing its meaning.
 RESUMABLE_KEYS = ("name", "data.dir", "data.download", "data.verify_checksums",
-                  "train.num_epochs", "train.num_steps", "train.progress_bar",
-                  "train.log_every_steps", "train.steps_per_dispatch",
-                  "train.eval_batch_size", "train.num_figure_images")
-RESUMABLE_PREFIXES = ("checkpoint.", "eval.", "plots.")
+                  "train.progress_bar", "train.log_every_steps", "train.steps_per_dispatch",
+                  "train.eval_batch_size", "train.num_figure_images", "train.tensorboard",
+                  "train.epoch_metrics_images", "train.cpu_devices", "train.num_devices")
+RESUMABLE_PREFIXES = ("checkpoint.", "eval.")
+LENGTH_KEYS = ("train.num_epochs", "train.num_steps")  # resumable unless a schedule uses them
+
+
+def _length_sets_a_schedule(flat: dict[str, Any]) -> bool:
+    """Whether the run's length shapes its schedules (so extending it changes them)."""
+    return flat.get("optim.lr_schedule") != "constant" or (
+        flat.get("loss.beta_schedule") == "cyclical" and not flat.get("loss.cycle_steps"))
 
 
 class CheckpointError(RuntimeError):
@@ -66,7 +73,8 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
     if only is not None:
         keys = [k for k in keys if k.startswith(only)]
     else:
-        keys = [k for k in keys if k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_PREFIXES)]
+        resumable = RESUMABLE_KEYS + (() if _length_sets_a_schedule(a) else LENGTH_KEYS)
+        keys = [k for k in keys if k not in resumable and not k.startswith(RESUMABLE_PREFIXES)]
     return [f"{k}: checkpoint has {a.get(k, '<missing>')!r}, config has {b.get(k, '<missing>')!r}"
             for k in keys if a.get(k) != b.get(k)]
 
@@ -100,7 +108,7 @@ class Checkpointer:
 
     def _meta(self, step: int, **extra) -> dict[str, Any]:
         return {"step": step, "config": config_to_dict(self.config), "saved_at": time.time(),
-                "best_elbo": self.best_elbo, **extra}
+                **extra}
 
     def save(self, step: int, tree: dict[str, Any]) -> None:
         """Saves `tree` (state and epoch sums) as the latest checkpoint at `step`."""
@@ -110,8 +118,8 @@ class Checkpointer:
         """Saves `tree` as the best checkpoint if its test ELBO is the lowest so far."""
         if not np.isfinite(test_elbo) or test_elbo >= self.best_elbo:
             return False
-        self.best_elbo = test_elbo
         self._save(self.best, step, tree, self._meta(step, test_elbo=test_elbo))
+        self.best_elbo = test_elbo  # only once it is really saved
         return True
 
     def _save(self, manager, step: int, tree, meta) -> None:
@@ -142,33 +150,52 @@ class Checkpointer:
     def restore_latest(self, target: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """(step, tree) of the newest readable checkpoint, or None if there is none.
 
-        A checkpoint that cannot be read is moved to checkpoints/corrupt/ with a
-        warning and the previous one is tried; a config mismatch is an error.
+        Newer checkpoints that cannot be read are moved to checkpoints/corrupt/ with a
+        warning once an older one has been read. If none can be read, nothing is moved
+        and the error shows why (a version mismatch fails every checkpoint alike, and is
+        not corruption). A config mismatch is an error naming the keys.
         """
-        best_meta = self._read_meta(self.best, self.best.latest_step())
-        if best_meta is not None:
-            self.best_elbo = float(best_meta.get("test_elbo", float("inf")))
-        quarantined = []
+        failed: list[tuple[int, str]] = []
         for step in sorted(self.latest.all_steps(), reverse=True):
             meta = self._read_meta(self.latest, step)
-            if meta is not None:
-                check_config(meta["config"], self.config, self.root / "latest" / str(step))
-                try:
-                    restored = self.latest.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target)))
-                    return step, restored["state"]
-                except Exception as e:  # noqa: BLE001 - any failure means unreadable
-                    reason = f"{type(e).__name__}: {e}"
-            else:
-                reason = "its metadata is missing or unreadable"
-            self._quarantine(step, reason)
-            quarantined.append(step)
-        if quarantined:
+            if meta is None:
+                failed.append((step, "its metadata is missing or unreadable"))
+                continue
+            check_config(meta["config"], self.config, self.root / "latest" / str(step))
+            try:
+                restored = self.latest.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))
+            except Exception as e:  # noqa: BLE001 - any failure means unreadable here
+                failed.append((step, f"{type(e).__name__}: {e}"))
+                continue
+            for bad_step, reason in failed:
+                self._quarantine(bad_step, reason)
+            self._restore_best_record()
+            return step, restored["state"]
+        if failed:
+            steps = [s for s, _ in failed]
             raise CheckpointError(
-                f"no readable checkpoint in {self.root / 'latest'}: steps {quarantined} "
-                f"could not be loaded and were moved to {self.root / 'corrupt'}. Rerun to "
-                "start this run afresh, or restore a good copy into checkpoints/latest/.")
+                f"no readable checkpoint in {self.root / 'latest'} (steps {steps}); the "
+                f"newest failed with: {failed[0][1][:500]}. Nothing was moved or deleted. "
+                "If the files are damaged, move checkpoints/ aside to start this run "
+                "afresh; if fvae or its libraries changed, use the versions that wrote them.")
+        self._set_aside_stale_best()
         return None
+
+    def _restore_best_record(self) -> None:
+        meta = self._read_meta(self.best, self.best.latest_step())
+        if meta is not None:
+            self.best_elbo = float(meta.get("test_elbo", float("inf")))
+
+    def _set_aside_stale_best(self) -> None:
+        """A fresh start must not inherit another run's best checkpoint."""
+        for step in self.best.all_steps():
+            destination = self.root / "previous_best" / f"{step}-{int(time.time())}"
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.root / "best" / str(step)), destination)
+            logging.warning("a best checkpoint from an earlier run (step %d) was moved to %s",
+                            step, destination)
+        self.best.reload()
 
     def _read_meta(self, manager, step: int | None) -> dict[str, Any] | None:
         if step is None:

@@ -96,7 +96,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 1000
     c.train.steps_per_dispatch = 0  # steps per compiled call; 0: per-platform default
     c.train.num_devices = 0  # devices to split each batch over; 0: all
-    c.train.cpu_devices = 0  # CPU devices launch.py asks XLA for; 0: one per 2 cores
+    c.train.cpu_devices = 0  # CPU devices to ask XLA for; 0: up to one per 2 cores that
+    # the batch sizes divide
     c.train.log_every_steps = 50  # progress-bar refresh
     c.train.progress_bar = True
     c.train.num_figure_images = 16
@@ -248,7 +249,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_min(config, "loss.cycle_steps", 0, integer=True)
     if not 0.0 < config.loss.cycle_ratio <= 1.0:
         _fail("loss.cycle_ratio", config.loss.cycle_ratio, "a number in (0, 1]")
+    if config.loss.beta_schedule == "linear" and not (config.loss.warmup_steps or
+                                                       config.loss.warmup_epochs):
+        _fail("loss.warmup_steps", 0, "a warm-up length (loss.warmup_steps or "
+              "loss.warmup_epochs) for beta_schedule='linear', or beta_schedule='constant'")
+    if config.loss.warmup_steps and config.loss.warmup_epochs:
+        _fail("loss.warmup_epochs", config.loss.warmup_epochs,
+              "0 when loss.warmup_steps is set (give the warm-up in one unit)")
     _check_in(config, "optim.name", OPTIMIZERS)
+    if config.optim.lr_warmup_steps and config.optim.lr_schedule != "warmup_cosine":
+        _fail("optim.lr_warmup_steps", config.optim.lr_warmup_steps,
+              "0 unless optim.lr_schedule='warmup_cosine' (only it warms up)")
+    if config.optim.weight_decay and config.optim.name != "adamw":
+        _fail("optim.weight_decay", config.optim.weight_decay,
+              "0 unless optim.name='adamw' (only it applies weight decay)")
     if not config.optim.learning_rate > 0:
         _fail("optim.learning_rate", config.optim.learning_rate, "a number > 0")
     _check_in(config, "optim.lr_schedule", LR_SCHEDULES)
@@ -277,6 +291,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "eval.seed"):
         _check_min(config, key, 0, integer=True)
     _check_min(config, "eval.probe_l2", 0.0)
+    if config.eval.fd_num_samples == 1:
+        _fail("eval.fd_num_samples", 1, "0 (one per test image) or at least 2 (a covariance "
+              "needs two samples)")
     return config
 
 

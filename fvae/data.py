@@ -122,6 +122,8 @@ def download(filename: str, md5: str | None, data_dir: pathlib.Path,
                     tmp.write(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
+        if "tmp" in locals():  # a transfer that broke off leaves no partial file
+            pathlib.Path(tmp.name).unlink(missing_ok=True)
         raise DataError(_no_data_message(data_dir, f"downloading {url} failed: {e}")) from e
     part = pathlib.Path(tmp.name)
     if md5 is not None and md5sum(part) != md5:

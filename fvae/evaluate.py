@@ -39,7 +39,6 @@ import math
 import os
 import pathlib
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fvae import binarize, checkpoint, classifier, configs, data, losses, models
+from fvae import binarize, checkpoint, classifier, data, losses, models
 from fvae.batching import map_batches
 from fvae.writer import jsonable
 

@@ -10,7 +10,7 @@ scalar shared by all pixels ('shared'), or a second output of the last layer
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -236,15 +236,20 @@ def decode(model: VAE, params, z: jax.Array) -> jax.Array:
 
 
 def sample(model: VAE, params, key: jax.Array, num: int, latent_dim: int,
-           mean_fn=jax.nn.sigmoid) -> jax.Array:
-    """Pixel means of images decoded from `num` draws of the prior N(0, I)."""
+           mean_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Pixel means of images decoded from `num` draws of the prior N(0, I).
+
+    `mean_fn` turns decoder outputs into images: the likelihood's mean, e.g.
+    functools.partial(fvae.losses.pixel_mean, loss_config=config.loss)."""
     z = jax.random.normal(key, (num, latent_dim))
     return mean_fn(decode(model, params, z))
 
 
-def reconstruct(model: VAE, params, images: jax.Array, key: jax.Array | None = None,
-                mean_fn=jax.nn.sigmoid) -> jax.Array:
-    """Pixel means of reconstructions: through a posterior draw, or its mean if no key."""
+def reconstruct(model: VAE, params, images: jax.Array, key: jax.Array | None = None, *,
+                mean_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Pixel means of reconstructions: through a posterior draw, or its mean if no key.
+
+    `mean_fn` as for `sample`: the likelihood's mean, which is not always a sigmoid."""
     mean, logvar = encode(model, params, images)
     z = mean if key is None else reparameterize(key, mean, logvar)
     return mean_fn(decode(model, params, z))

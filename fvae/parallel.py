@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 
 import jax
@@ -61,21 +62,34 @@ def make_data_parallel(num_devices: int = 0) -> DataParallel:
     return DataParallel(Mesh(np.asarray(devices), ("data",)))
 
 
-def cpu_device_count(requested: int) -> int:
-    """CPU devices to ask XLA for: `requested`, or one per two cores when it is 0.
+def cpu_device_count(requested: int, batch_sizes: tuple[int, ...] = ()) -> int:
+    """CPU devices to ask XLA for: `requested`, or, when it is 0, the most devices up to
+    one per two cores that every batch size divides evenly.
 
     XLA:CPU runs small convolutions on one core; splitting the batch over several
     CPU devices uses the others (measured in fvae.bench)."""
-    return requested or max(1, (os.cpu_count() or 1) // 2)
+    if requested:
+        return requested
+    divisor = math.gcd(*batch_sizes) if batch_sizes else 1
+    most = max(1, (os.cpu_count() or 1) // 2)
+    return max(d for d in range(1, most + 1) if divisor % d == 0)
 
 
-def configure_cpu_devices(requested: int) -> None:
+def configure_cpu_devices(requested: int, batch_sizes: tuple[int, ...] = ()) -> None:
     """Asks for several CPU devices; must run before JAX starts its backends."""
     try:
-        jax.config.update("jax_num_cpu_devices", cpu_device_count(requested))
+        jax.config.update("jax_num_cpu_devices", cpu_device_count(requested, batch_sizes))
     except RuntimeError as e:  # backends already started (e.g. inside a notebook)
         logging.warning("could not set the number of CPU devices (%s); using %d", e,
                         jax.local_device_count())
+
+
+def setup_runtime(config) -> None:
+    """What every entry point does before any JAX computation: multi-host start-up and
+    the number of CPU devices (chosen so the config's batch sizes split evenly)."""
+    initialize_distributed()
+    configure_cpu_devices(config.train.cpu_devices,
+                          (config.train.batch_size, config.train.eval_batch_size))
 
 
 def initialize_distributed() -> bool:

@@ -110,6 +110,10 @@ def flatten(block: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any
 def point_config(sweep: ml_collections.ConfigDict, point: Point, seed: int
                  ) -> ml_collections.ConfigDict:
     """The full, validated config of one run: base experiment, sweep overrides, point."""
+    if not pathlib.Path(sweep.base).exists():
+        raise configs.ConfigError(f"sweep.base={sweep.base!r} does not exist: give a path to "
+                                  "an experiment file, relative to where the sweep is run "
+                                  "(the repository root for experiments/...).")
     config = configs.load_config_file(sweep.base)
     for key, value in {**flatten(sweep.overrides), **point.overrides}.items():
         set_key(config, key, value)
@@ -214,7 +218,7 @@ def write_figures(sweep_dir: pathlib.Path, points: Sequence[Point], seeds: Seque
                     ax.plot(steps, elbo, color=colours[dict(point.values)[axis]], alpha=0.7)
         for value in values:
             ax.plot([], [], color=colours[value], label=f"{axis}={value}")
-        ax.set_xlabel("step")
+        ax.set_xlabel("epoch")
         ax.set_ylabel("test negative ELBO (nats/image)")
         ax.set_title(f"Test negative ELBO by {axis} (every point and seed)")
         ax.legend()
@@ -244,7 +248,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags.mark_flags_as_required(["config", "sweep_dir"])
 
     def run(_):
+        from fvae import parallel
         logging.getLogger().setLevel(logging.INFO)
+        sweep_config = flags.FLAGS.config
+        first = point_config(sweep_config, grid(sweep_config)[0], sweep_config.seeds[0])
+        parallel.setup_runtime(first)  # as launch.py does, before any JAX computation
         rows = run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)
         print((pathlib.Path(flags.FLAGS.sweep_dir) / "results.md").read_text())
         return rows

@@ -29,8 +29,7 @@ from flax.training import train_state
 
 from flax import serialization
 
-from fvae import (binarize, checkpoint, configs, data, evaluate, losses, models, parallel,
-                  plots)
+from fvae import binarize, checkpoint, configs, data, evaluate, losses, models, parallel
 from fvae.writer import MetricsWriter
 
 Metrics = dict[str, jax.Array]
@@ -298,6 +297,8 @@ def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
 def save_figures(model, params, config, dataset: data.Dataset, keys: RunKeys,
                  workdir: pathlib.Path, writer: MetricsWriter, step: int) -> None:
     """Every per-run figure (fvae.plots) and TensorBoard images of the final parameters."""
+    from fvae import plots  # here: importing fvae.train must not set matplotlib's backend
+
     figures = workdir / "figures"
     plots.write_figures(model, params, config, dataset, figures, keys.figures,
                         num_images=config.train.num_figure_images)
@@ -355,9 +356,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     beta_schedule = losses.make_beta_schedule(config.loss, schedule.steps_per_epoch,
                                               schedule.total_steps)
     dynamic_binarization = config.data.binarize == "dynamic"
-    if dynamic_binarization:  # evaluate on one fixed binarisation, as published tables do
-        dataset = dataclasses.replace(
-            dataset, test_images=binarize.binarize_fixed(dataset.test_images))
+    # The model is scored on one fixed binarisation of the test set (as published tables
+    # are); image-quality metrics and figures keep the grey-level originals.
+    test_inputs = binarize.binarize_fixed(dataset.test_images) if dynamic_binarization \
+        else dataset.test_images
     train_step = make_train_step(model, config.loss, beta_schedule,
                                  skip_nonfinite=config.train.on_nonfinite == "skip",
                                  binarize_inputs=dynamic_binarization)
@@ -392,60 +394,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     every = config.checkpoint.every_steps
     perm_epoch, perm = None, None
     timer_step, timer_t0 = step, time.time()
-    with _progress(schedule.total_steps, step, config.train.progress_bar) as bar, \
-            StopRequest() as stop:
-        while step < schedule.total_steps:
-            epoch = step // schedule.steps_per_epoch
-            epoch_start = epoch * schedule.steps_per_epoch
-            epoch_end = min(epoch_start + schedule.steps_per_epoch, schedule.total_steps)
-            if perm_epoch != epoch:
-                perm_epoch, perm = epoch, dp.replicate(epoch_permutation(
-                    keys.data, epoch, len(dataset.train_images)))
-            n = chunk_length(step, epoch_start, epoch_end, per_dispatch)
-            state, chunk = train_chunk(state, train_images, perm, train_key, num_steps=n)
-            sums = jax.tree.map(jnp.add, sums, chunk)
-            previous, step = step, step + n
-            bar.update(n)
-            save_now = ckpt is not None and (
-                (every and step // every > previous // every) or step == schedule.total_steps
-                or (not every and step == epoch_end) or stop.signum is not None)
-            if save_now or step == epoch_end or \
-                    step // config.train.log_every_steps > previous // config.train.log_every_steps:
-                running = mean_metrics(sums, step - epoch_start)
-                check_finite(running, step, state.params if save_now else None)
-                bar.set_postfix(loss=f"{running['loss']:.2f}", epoch=epoch + 1)
-            if step == epoch_end:
-                jax.block_until_ready(state)
-                images_per_sec = ((step - timer_step) * config.train.batch_size
-                                  / (time.time() - timer_t0))
-                _end_epoch(config, model, state, sums, step, epoch, epoch_start,
-                           images_per_sec, start_time, beta_schedule, eval_step, dataset,
-                           keys, writer, ckpt, bar, dp)
-                sums, timer_step, timer_t0 = zero_metrics(), step, time.time()
-            if save_now:
-                ckpt.save(step, checkpoint.state_tree(state, sums))
-            if stop.signum is not None:
-                if ckpt is not None:
-                    ckpt.wait()
-                raise TrainingInterrupted(stop.signum, step, ckpt is not None)
-    if ckpt is not None:
-        ckpt.wait()
-        ckpt.close()
-    save_figures(model, state.params, config, dataset, keys, workdir, writer, step)
-    writer.close()
+    try:
+        with _progress(schedule.total_steps, step, config.train.progress_bar) as bar, \
+                StopRequest() as stop:
+            while step < schedule.total_steps:
+                epoch = step // schedule.steps_per_epoch
+                epoch_start = epoch * schedule.steps_per_epoch
+                epoch_end = min(epoch_start + schedule.steps_per_epoch, schedule.total_steps)
+                if perm_epoch != epoch:
+                    perm_epoch, perm = epoch, dp.replicate(epoch_permutation(
+                        keys.data, epoch, len(dataset.train_images)))
+                n = chunk_length(step, epoch_start, epoch_end, per_dispatch)
+                state, chunk = train_chunk(state, train_images, perm, train_key, num_steps=n)
+                sums = jax.tree.map(jnp.add, sums, chunk)
+                previous, step = step, step + n
+                bar.update(n)
+                save_now = ckpt is not None and (
+                    (every and step // every > previous // every)
+                    or step == schedule.total_steps or (not every and step == epoch_end))
+                if save_now or step == epoch_end or stop.signum is not None or \
+                        step // config.train.log_every_steps > \
+                        previous // config.train.log_every_steps:
+                    running = mean_metrics(sums, step - epoch_start)
+                    check_finite(running, step)
+                    bar.set_postfix(loss=f"{running['loss']:.2f}", epoch=epoch + 1)
+                if step == epoch_end:
+                    jax.block_until_ready(state)
+                    images_per_sec = ((step - timer_step) * config.train.batch_size
+                                      / (time.time() - timer_t0))
+                    _end_epoch(config, model, state, sums, step, epoch, epoch_start,
+                               images_per_sec, start_time, beta_schedule, eval_step, dataset,
+                               test_inputs, keys, writer, ckpt, bar, dp)
+                    sums, timer_step, timer_t0 = zero_metrics(), step, time.time()
+                # A stop request (possibly arriving during the epoch's evaluation) always
+                # saves, so the message below never promises a checkpoint that is not there.
+                if save_now or (ckpt is not None and stop.signum is not None):
+                    check_finite({}, step, state.params)  # never save non-finite parameters
+                    ckpt.save(step, checkpoint.state_tree(state, sums))
+                if stop.signum is not None:
+                    if ckpt is not None:
+                        ckpt.wait()
+                    raise TrainingInterrupted(stop.signum, step, ckpt is not None)
+        save_figures(model, state.params, config, dataset, keys, workdir, writer, step)
+    finally:  # however training ends, in-flight saves complete and files are closed
+        if ckpt is not None:
+            ckpt.wait()
+            ckpt.close()
+        writer.close()
     return state
 
 
 def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_sec,
-               start_time, beta_schedule, eval_step, dataset, keys, writer, ckpt, bar,
-               dp) -> None:
+               start_time, beta_schedule, eval_step, dataset, test_inputs, keys, writer,
+               ckpt, bar, dp) -> None:
     """Writes the epoch's train and test lines and keeps the best checkpoint."""
     train_metrics = mean_metrics(sums, step - epoch_start)
     common = {"epoch": epoch + 1, "step": step, "wall_time": time.time() - start_time}
     writer.write({"split": "train", **common, **train_metrics,
                   "images_per_sec": images_per_sec})
     beta_now = float(beta_schedule(step - 1))
-    test_metrics = evaluate_losses(eval_step, state.params, dataset.test_images,
+    test_metrics = evaluate_losses(eval_step, state.params, test_inputs,
                             config.train.eval_batch_size, keys.eval, beta_now, dp)
     if config.train.epoch_metrics_images:  # reconstruction quality and active units
         test_metrics.update(evaluate.cheap_metrics(

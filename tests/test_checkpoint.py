@@ -197,8 +197,32 @@ def test_no_readable_checkpoint_is_a_clear_error(make_config, tmp_path):
     for path in (tmp_path / "checkpoints" / "latest" / "8").rglob("*metadata*"):
         if path.is_file():
             path.unlink()
-    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint.*Nothing was"):
         train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))
+    # Every checkpoint failing alike is not evidence of corruption: nothing is moved.
+    assert (tmp_path / "checkpoints" / "latest" / "8").is_dir()
+    assert not (tmp_path / "checkpoints" / "corrupt").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+
+
+def test_extending_a_run_whose_schedule_depends_on_its_length_is_refused(make_config,
+                                                                         tmp_path):
+    config = make_config(**{"train.num_epochs": 1, "optim.lr_schedule": "cosine"})
+    train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError, match="train.num_epochs: checkpoint has 1"):
+        train.train_and_evaluate(make_config(**{"train.num_epochs": 2,
+                                                "optim.lr_schedule": "cosine"}), str(tmp_path))
+
+
+def test_a_fresh_start_sets_aside_an_earlier_runs_best_checkpoint(make_config, tmp_path):
+    import shutil
+    train.train_and_evaluate(make_config(**{"train.num_epochs": 1}), str(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "latest")  # only the best of that run is left
+    train.train_and_evaluate(make_config(**{"train.num_epochs": 1, "seed": 5}), str(tmp_path))
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints" / "previous_best").iterdir()] == ["8"]
+    config, _, _ = checkpoint.load(tmp_path, "best")
+    assert config.seed == 5
 
 
 def test_unwritable_workdir_fails_before_training(make_config, tmp_path):
