@@ -67,7 +67,8 @@ def wait_for_checkpoint(workdir, run: Run, min_step: int, timeout: float = 120):
 
 
 # A run long enough to be killed in the middle: 60 epochs of 8 steps, saved every 3 steps.
-LONG = {"train.num_epochs": 60, "checkpoint.every_steps": 3}
+# One CPU device, like the in-process reference run, so the comparison can be bitwise.
+LONG = {"train.num_epochs": 60, "checkpoint.every_steps": 3, "train.cpu_devices": 1}
 
 
 @pytest.fixture(scope="module")

@@ -71,8 +71,8 @@ def test_mesh_shards_the_batch_and_replicates_the_rest():
 
 
 @pytest.mark.parametrize("cores,batches,expected", [
-    (2, (128, 1000), 1), (4, (128, 1000), 2), (12, (128, 1000), 4), (12, (96, 96), 6),
-    (64, (128, 1000), 8), (1, (128,), 1)])
+    (2, (128, 1000), 2), (4, (128, 1000), 4), (12, (128, 1000), 8), (12, (96, 96), 12),
+    (6, (128, 1000), 4), (64, (128, 1000), 8), (1, (128,), 1), (2, (33,), 1)])
 def test_default_cpu_devices_divide_the_batches(monkeypatch, cores, batches, expected):
     monkeypatch.setattr(parallel.os, "cpu_count", lambda: cores)
     assert parallel.cpu_device_count(0, batches) == expected
