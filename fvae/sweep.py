@@ -26,10 +26,19 @@ import numpy as np
 from fvae import configs
 
 # Axis name -> value -> config overrides. Values are what a sweep config lists.
+_SUM = {"loss.reduction": "sum", "model.decoder_scale": "none"}
 LIKELIHOODS = {
-    "bce": {"loss.likelihood": "bce", "loss.reduction": "sum"},
-    "mse-sum": {"loss.likelihood": "mse", "loss.reduction": "sum"},
-    "mse-mean": {"loss.likelihood": "mse", "loss.reduction": "mean"},
+    "bce": {**_SUM, "loss.likelihood": "bce"},
+    "mse-sum": {**_SUM, "loss.likelihood": "mse"},
+    "mse-mean": {**_SUM, "loss.likelihood": "mse", "loss.reduction": "mean"},
+    # The principled versions (fvae.losses): proper likelihoods with a bound to compare.
+    "cb": {**_SUM, "loss.likelihood": "continuous_bernoulli"},
+    "sigma-optimal": {**_SUM, "loss.likelihood": "gaussian",
+                      "loss.gaussian_variance": "optimal"},
+    "sigma-learned": {**_SUM, "loss.likelihood": "gaussian", "loss.gaussian_variance": "learned",
+                      "model.decoder_scale": "shared"},
+    "dlogistic": {**_SUM, "loss.likelihood": "discretized_logistic",
+                  "model.decoder_scale": "per_pixel"},
 }
 
 

@@ -79,3 +79,13 @@ def test_ablation_presets_expand_to_valid_configs(preset, num_points, monkeypatc
     assert len(points) == num_points
     for point in points:
         sweep.point_config(s, point, s.seeds[-1])  # validates
+
+
+def test_every_likelihood_axis_value_gives_a_valid_config(tmp_path, tiny_data_dir):
+    s = tiny_sweep(tmp_path, tiny_data_dir)
+    s.axes.likelihood = tuple(sweep.LIKELIHOODS)
+    configs_by_value = {dict(p.values)["likelihood"]: sweep.point_config(s, p, 0)
+                        for p in sweep.grid(s)}
+    assert configs_by_value["cb"].loss.likelihood == "continuous_bernoulli"
+    assert configs_by_value["sigma-learned"].model.decoder_scale == "shared"
+    assert configs_by_value["dlogistic"].model.decoder_scale == "per_pixel"
