@@ -96,8 +96,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 1000
     c.train.steps_per_dispatch = 0  # steps per compiled call; 0: per-platform default
     c.train.num_devices = 0  # devices to split each batch over; 0: all
-    c.train.cpu_devices = 0  # CPU devices to ask XLA for; 0: up to one per core that the
-    # batch sizes divide
+    c.train.cpu_devices = 1  # CPU devices to ask XLA for; 0: up to one per core that the
+    # batch sizes divide (faster, but XLA:CPU collectives can hang: see README)
     c.train.log_every_steps = 50  # progress-bar refresh
     c.train.progress_bar = True
     c.train.num_figure_images = 16

@@ -67,7 +67,9 @@ def cpu_device_count(requested: int, batch_sizes: tuple[int, ...] = ()) -> int:
     one per core that every batch size divides evenly.
 
     XLA:CPU runs small convolutions on one core; splitting the batch over several
-    CPU devices uses the others (fvae.bench on 2 cores: 1.4x the images/s of one)."""
+    CPU devices uses the others (fvae.bench on 2 cores: 1.4x the images/s of one).
+    It is not the default: with 2 devices on 2 cores, jaxlib 0.10.2 sometimes
+    aborts training after 40 s stuck in the gradient all-reduce."""
     if requested:
         return requested
     divisor = math.gcd(*batch_sizes) if batch_sizes else 1
