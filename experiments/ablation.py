@@ -15,6 +15,8 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     sweep = ml_collections.ConfigDict()
     sweep.base = "experiments/sharp_bce.py"
     sweep.warmup_epochs = 2.0  # length of the linear warm-up where warmup=on
+    sweep.vmap_seeds = "auto"  # train a point's seeds as one vmapped computation: on
+    # accelerators ('auto'), 'always' or 'never' (it is slower on CPU)
     sweep.axes = ml_collections.ConfigDict()
     # Config values every run of the sweep changes, as a nested block like the config's.
     sweep.overrides = ml_collections.ConfigDict()

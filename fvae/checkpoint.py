@@ -45,16 +45,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message says what to do."""
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json(sort_keys=True))
 
@@ -68,7 +58,8 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
     """Keys whose values differ in a way that makes resuming meaningless (or, with
     `only`, differing keys among those prefixes)."""
     from fvae import configs  # saved configs gain keys added since, at their defaults
-    a, b = _flatten(config_to_dict(configs.from_dict(saved))), _flatten(config_to_dict(config))
+    a = configs.flatten(config_to_dict(configs.from_dict(saved)))
+    b = configs.flatten(config_to_dict(config))
     keys = sorted(set(a) | set(b))
     if only is not None:
         keys = [k for k in keys if k.startswith(only)]

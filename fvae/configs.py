@@ -162,35 +162,44 @@ def _fail(key: str, value, expected: str) -> None:
 
 
 def _check_in(config, key: str, choices) -> None:
-    value = _get(config, key)
+    value = get_key(config, key)
     if value not in choices:
         _fail(key, value, f"one of {', '.join(map(repr, choices))}")
 
 
 def _check_min(config, key: str, minimum, integer: bool = False) -> None:
-    value = _get(config, key)
+    value = get_key(config, key)
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
         _fail(key, value, f"an integer >= {minimum}")
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
         _fail(key, value, f"a number >= {minimum}")
 
 
-def _get(config, key: str):
+def get_key(config, key: str):
+    """config['train.batch_size'] for a dotted key."""
     node = config
     for part in key.split("."):
         node = node[part]
     return node
 
 
-def _flat_keys(config, prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in config.items():
-        full = f"{prefix}{k}"
-        if isinstance(v, ml_collections.ConfigDict):
-            keys |= _flat_keys(v, full + ".")
+def set_key(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """Sets a dotted key; a list given for a tuple-valued key becomes a tuple."""
+    *path, last = key.split(".")
+    node = get_key(config, ".".join(path)) if path else config
+    node[last] = tuple(value) if isinstance(node[last], tuple) else value
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """{'train': {'num_epochs': 4}} -> {'train.num_epochs': 4}, for a dict or ConfigDict;
+    tuples become lists, as they are in config.json."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            keys.add(full)
-    return keys
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def decoder_scales_for(loss_config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -204,7 +213,7 @@ def decoder_scales_for(loss_config: ml_collections.ConfigDict) -> tuple[str, ...
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad key; returns the config unchanged."""
-    unknown = sorted(_flat_keys(config) - _flat_keys(get_base_config()))
+    unknown = sorted(set(flatten(config)) - set(flatten(get_base_config())))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. "
                           "Check the spelling against fvae/configs.py:get_base_config().")
@@ -217,7 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_min(config, "model.num_res_blocks", 0, integer=True)
     _check_in(config, "model.upsample", ("subpixel", "conv_transpose", "pixel_shuffle"))
     for key in ("model.encoder_widths", "model.decoder_widths"):
-        widths = _get(config, key)
+        widths = get_key(config, key)
         if len(widths) != 3 or any(int(w) < 1 for w in widths):
             _fail(key, widths, "three positive integers")
     if any(s not in (1, 2) for s in config.model.encoder_strides) or \
@@ -308,6 +317,6 @@ def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> Non
 def check_against_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Batches are split evenly across devices: their sizes must divide."""
     for key in ("train.batch_size", "train.eval_batch_size"):
-        if _get(config, key) % num_devices:
-            _fail(key, _get(config, key), f"a multiple of the {num_devices} devices the batch "
+        if get_key(config, key) % num_devices:
+            _fail(key, get_key(config, key), f"a multiple of the {num_devices} devices the batch "
                   "is split over; change it or set train.num_devices")

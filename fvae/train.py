@@ -18,7 +18,7 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -162,11 +162,14 @@ def epoch_permutation(data_key: jax.Array, epoch: int, num_train: int) -> jax.Ar
 
 
 def make_train_chunk(train_step, batch_size: int, steps_per_epoch: int,
-                     batch_sharding: jax.sharding.Sharding | None = None):
+                     batch_sharding: jax.sharding.Sharding | None = None,
+                     vmap_seeds: bool = False):
     """Jitted: run `num_steps` steps from state.step, batches gathered on device.
 
     Each batch is gathered from the resident training set and, with `batch_sharding`,
     split across devices. Returns the new state and the metrics summed over the chunk.
+    With `vmap_seeds`, the state, permutation and key carry a leading seed axis and all
+    seeds step together as one vmapped computation over the shared images.
     """
 
     def one_step(state, images, perm, train_key):
@@ -176,8 +179,7 @@ def make_train_chunk(train_step, batch_size: int, steps_per_epoch: int,
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return train_step(state, batch, jax.random.fold_in(train_key, state.step))
 
-    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0)
-    def train_chunk(state, images, perm, train_key, num_steps: int):
+    def chunk(state, images, perm, train_key, num_steps: int):
         if num_steps == 1:
             return one_step(state, images, perm, train_key)
 
@@ -191,7 +193,29 @@ def make_train_chunk(train_step, batch_size: int, steps_per_epoch: int,
         (state, total), _ = jax.lax.scan(body, (state, zeros), None, length=num_steps)
         return state, total
 
+    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=0)
+    def train_chunk(state, images, perm, train_key, num_steps: int):
+        run = functools.partial(chunk, num_steps=num_steps)
+        if vmap_seeds:
+            run = jax.vmap(run, in_axes=(0, None, 0, 0))
+        return run(state, images, perm, train_key)
+
     return train_chunk
+
+
+def stack_seeds(trees: Sequence, vmapped: bool):
+    """One tree with a leading seed axis (or, for a single run, that run's tree)."""
+    if not vmapped:
+        return trees[0]
+    if isinstance(trees[0], TrainState):  # optimizers are equal but not identical objects
+        return trees[0].replace(**{field: stack_seeds([getattr(t, field) for t in trees], True)
+                                   for field in ("step", "params", "opt_state")})
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def seed_slice(tree, i: int, vmapped: bool):
+    """Seed i's part of a tree built by stack_seeds."""
+    return jax.tree.map(lambda x: x[i], tree) if vmapped else tree
 
 
 def zero_metrics() -> Metrics:
@@ -271,13 +295,15 @@ def evaluate_losses(eval_step, params, images: np.ndarray, batch_size: int, key:
     return {name: float(value) / count for name, value in totals.items()}
 
 
-def check_finite(metrics: dict[str, float], step: int, params=None) -> None:
-    """Raises NonFiniteLossError naming the step and every loss part."""
+def check_finite(metrics: dict[str, float], step: int, params=None,
+                 seed: int | None = None) -> None:
+    """Raises NonFiniteLossError naming the step (and seed) and every loss part."""
     finite_params = params is None or bool(jnp.isfinite(optax.tree.norm(params)))
     if not finite_params or not all(math.isfinite(v) for v in metrics.values()):
         parts = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         raise NonFiniteLossError(
-            f"non-finite loss by step {step}: {parts}"
+            f"non-finite loss by step {step}{'' if seed is None else f' of seed {seed}'}: "
+            f"{parts}"
             f"{'' if finite_params else ' (and non-finite parameters)'}. Lower "
             "optim.learning_rate, set optim.grad_clip_norm, or set "
             "train.on_nonfinite='skip'; the last good checkpoint is kept.")
@@ -342,17 +368,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpoints under workdir/checkpoints/ and workdir/figures/*.png. Resumes from the
     latest checkpoint in workdir if there is one. Returns the final state.
     """
-    configs.validate(config)
-    workdir = prepare_workdir(workdir)
-    dataset = data.load(config)
-    configs.check_against_data(config, len(dataset.train_images))
+    return train_seeds([config], [workdir])[0]
+
+
+def check_same_but_seed(run_configs: Sequence[ml_collections.ConfigDict]) -> None:
+    """Raises ConfigError unless the configs differ in `seed` alone."""
+    flat = [configs.flatten(c) for c in run_configs]
+    for other in flat[1:]:
+        differ = sorted(k for k in set(flat[0]) | set(other)
+                        if k != "seed" and flat[0].get(k) != other.get(k))
+        if differ:
+            raise configs.ConfigError(
+                f"runs trained together must differ only in seed, but these keys differ: "
+                f"{differ}. Train them separately.")
+    seeds = [c.seed for c in run_configs]
+    if len(set(seeds)) != len(seeds):
+        raise configs.ConfigError(f"runs trained together need distinct seeds, got {seeds}.")
+
+
+def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
+                workdirs: Sequence[str | pathlib.Path]) -> list[TrainState]:
+    """Trains runs that differ only in `seed` as one vmapped computation.
+
+    Each run writes its own workdir exactly as train_and_evaluate does (metrics,
+    checkpoints, figures) and resumes from its own checkpoints. Every seed gets the keys
+    and data order of its own separate run; results equal separate runs within float
+    tolerance (the vmapped convolutions sum in another order). Where that cannot be done
+    (several devices, or checkpoints at different steps) the runs are trained one after
+    another. Returns each run's final state.
+    """
+    if len(run_configs) != len(workdirs) or not run_configs:
+        raise ValueError(f"{len(run_configs)} configs for {len(workdirs)} workdirs")
+    for c in run_configs:
+        configs.validate(c)
+    check_same_but_seed(run_configs)
+    config = run_configs[0]
     dp = parallel.make_data_parallel(config.train.num_devices)
     configs.check_against_devices(config, dp.num_devices)
+    vmapped = len(run_configs) > 1
+    if vmapped and dp.num_devices > 1:  # the batch is already split over the devices
+        return [train_seeds([c], [w])[0] for c, w in zip(run_configs, workdirs)]
+    workdirs = [prepare_workdir(w) for w in workdirs]
+    dataset = data.load(config)
+    configs.check_against_data(config, len(dataset.train_images))
 
     schedule = Schedule.from_config(config, len(dataset.train_images))
-    keys = RunKeys.from_seed(config.seed)
+    run_keys = [RunKeys.from_seed(c.seed) for c in run_configs]
     model = models.build_model(config.model)
-    state = create_train_state(config, model, keys.init, schedule.total_steps)
+    states = [create_train_state(config, model, k.init, schedule.total_steps)
+              for k in run_keys]
     beta_schedule = losses.make_beta_schedule(config.loss, schedule.steps_per_epoch,
                                               schedule.total_steps)
     dynamic_binarization = config.data.binarize == "dynamic"
@@ -365,36 +429,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                  binarize_inputs=dynamic_binarization)
     train_chunk = make_train_chunk(train_step, config.train.batch_size,
                                    schedule.steps_per_epoch,
-                                   dp.batch if dp.num_devices > 1 else None)
+                                   dp.batch if dp.num_devices > 1 else None, vmap_seeds=vmapped)
     eval_step = jax.jit(make_eval_step(model, config.loss))
     per_dispatch = config.train.steps_per_dispatch or \
         default_steps_per_dispatch(schedule.steps_per_epoch)
 
-    ckpt = checkpoint.Checkpointer(workdir, config) if config.checkpoint.enabled else None
-    sums, restored = zero_metrics(), None
-    if ckpt is not None:
-        restored = ckpt.restore_latest(checkpoint.state_tree(state, sums))
-    if restored is not None:
-        step, tree = restored
-        state = serialization.from_state_dict(state, tree["train_state"])
-        sums = {k: jnp.asarray(v) for k, v in tree["epoch_sums"].items()}
-        logging.info("resuming %s from the checkpoint at step %d in %s", config.name, step,
-                     workdir)
-    write_config(config, workdir)
-    writer = MetricsWriter(workdir, resume_step=None if restored is None else restored[0],
-                           tensorboard=config.train.tensorboard)
-
-    state = dp.replicate(state)
-    train_images = dp.replicate(dataset.train_images)
-    train_key = dp.replicate(keys.train)
-    start_time = time.time()
-    step = int(state.step)
-    logging.info("training %s for %d steps (%d epochs of %d steps) in %s", config.name,
-                 schedule.total_steps, schedule.num_epochs, schedule.steps_per_epoch, workdir)
-    every = config.checkpoint.every_steps
-    perm_epoch, perm = None, None
-    timer_step, timer_t0 = step, time.time()
+    ckpts = [checkpoint.Checkpointer(w, c) if config.checkpoint.enabled else None
+             for c, w in zip(run_configs, workdirs)]
+    writers: list[MetricsWriter] = []
     try:
+        restored = [None if ckpt is None else
+                    ckpt.restore_latest(checkpoint.state_tree(state, zero_metrics()))
+                    for ckpt, state in zip(ckpts, states)]
+        if len({None if r is None else r[0] for r in restored}) > 1:
+            logging.info("the seeds' checkpoints are at different steps; training them one "
+                         "after another")
+            for ckpt in filter(None, ckpts):
+                ckpt.close()
+            ckpts = []
+            return [train_seeds([c], [w])[0] for c, w in zip(run_configs, workdirs)]
+        run_sums = [zero_metrics() for _ in run_configs]
+        for i, r in enumerate(restored):
+            if r is not None:
+                states[i] = serialization.from_state_dict(states[i], r[1]["train_state"])
+                run_sums[i] = {k: jnp.asarray(v) for k, v in r[1]["epoch_sums"].items()}
+                logging.info("resuming %s from the checkpoint at step %d in %s",
+                             config.name, r[0], workdirs[i])
+        for c, w, r in zip(run_configs, workdirs, restored):
+            write_config(c, w)
+            writers.append(MetricsWriter(w, resume_step=None if r is None else r[0],
+                                         tensorboard=config.train.tensorboard))
+
+        state = dp.replicate(stack_seeds(states, vmapped))
+        sums = stack_seeds(run_sums, vmapped)
+        train_images = dp.replicate(dataset.train_images)
+        train_key = dp.replicate(stack_seeds([k.train for k in run_keys], vmapped))
+        start_time = time.time()
+        step = int(states[0].step)
+        logging.info("training %s%s for %d steps (%d epochs of %d steps) in %s", config.name,
+                     f" for seeds {[c.seed for c in run_configs]} together" if vmapped else "",
+                     schedule.total_steps, schedule.num_epochs, schedule.steps_per_epoch,
+                     ", ".join(map(str, workdirs)))
+        every, ckpt_enabled = config.checkpoint.every_steps, config.checkpoint.enabled
+        perm_epoch, perm = None, None
+        timer_step, timer_t0 = step, time.time()
         with _progress(schedule.total_steps, step, config.train.progress_bar) as bar, \
                 StopRequest() as stop:
             while step < schedule.total_steps:
@@ -402,46 +480,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 epoch_start = epoch * schedule.steps_per_epoch
                 epoch_end = min(epoch_start + schedule.steps_per_epoch, schedule.total_steps)
                 if perm_epoch != epoch:
-                    perm_epoch, perm = epoch, dp.replicate(epoch_permutation(
-                        keys.data, epoch, len(dataset.train_images)))
+                    perm_epoch, perm = epoch, dp.replicate(stack_seeds(
+                        [epoch_permutation(k.data, epoch, len(dataset.train_images))
+                         for k in run_keys], vmapped))
                 n = chunk_length(step, epoch_start, epoch_end, per_dispatch)
                 state, chunk = train_chunk(state, train_images, perm, train_key, num_steps=n)
                 sums = jax.tree.map(jnp.add, sums, chunk)
                 previous, step = step, step + n
                 bar.update(n)
-                save_now = ckpt is not None and (
+                save_now = ckpt_enabled and (
                     (every and step // every > previous // every)
                     or step == schedule.total_steps or (not every and step == epoch_end))
                 if save_now or step == epoch_end or stop.signum is not None or \
                         step // config.train.log_every_steps > \
                         previous // config.train.log_every_steps:
-                    running = mean_metrics(sums, step - epoch_start)
-                    check_finite(running, step)
-                    bar.set_postfix(loss=f"{running['loss']:.2f}", epoch=epoch + 1)
+                    running = [mean_metrics(seed_slice(sums, i, vmapped), step - epoch_start)
+                               for i in range(len(run_configs))]
+                    for c, metrics in zip(run_configs, running):
+                        check_finite(metrics, step, seed=c.seed if vmapped else None)
+                    bar.set_postfix(loss=f"{np.mean([m['loss'] for m in running]):.2f}",
+                                    epoch=epoch + 1)
                 if step == epoch_end:
                     jax.block_until_ready(state)
                     images_per_sec = ((step - timer_step) * config.train.batch_size
                                       / (time.time() - timer_t0))
-                    _end_epoch(config, model, state, sums, step, epoch, epoch_start,
-                               images_per_sec, start_time, beta_schedule, eval_step, dataset,
-                               test_inputs, keys, writer, ckpt, bar, dp)
-                    sums, timer_step, timer_t0 = zero_metrics(), step, time.time()
+                    for i, c in enumerate(run_configs):
+                        _end_epoch(c, model, seed_slice(state, i, vmapped),
+                                   seed_slice(sums, i, vmapped), step, epoch, epoch_start,
+                                   images_per_sec, start_time, beta_schedule, eval_step,
+                                   dataset, test_inputs, run_keys[i], writers[i], ckpts[i],
+                                   bar, dp)
+                    sums = stack_seeds([zero_metrics() for _ in run_configs], vmapped)
+                    timer_step, timer_t0 = step, time.time()
                 # A stop request (possibly arriving during the epoch's evaluation) always
                 # saves, so the message below never promises a checkpoint that is not there.
-                if save_now or (ckpt is not None and stop.signum is not None):
-                    check_finite({}, step, state.params)  # never save non-finite parameters
-                    ckpt.save(step, checkpoint.state_tree(state, sums))
+                if save_now or (ckpt_enabled and stop.signum is not None):
+                    for i, c in enumerate(run_configs):  # never save non-finite parameters
+                        check_finite({}, step, seed_slice(state, i, vmapped).params,
+                                     seed=c.seed if vmapped else None)
+                    for i, ckpt in enumerate(ckpts):  # (enabled: every ckpt exists)
+                        ckpt.save(step, checkpoint.state_tree(seed_slice(state, i, vmapped),
+                                                              seed_slice(sums, i, vmapped)))
                 if stop.signum is not None:
-                    if ckpt is not None:
+                    for ckpt in filter(None, ckpts):
                         ckpt.wait()
-                    raise TrainingInterrupted(stop.signum, step, ckpt is not None)
-        save_figures(model, state.params, config, dataset, keys, workdir, writer, step)
+                    raise TrainingInterrupted(stop.signum, step, ckpt_enabled)
+        finals = [seed_slice(state, i, vmapped) for i in range(len(run_configs))]
+        for c, final, keys, w, writer in zip(run_configs, finals, run_keys, workdirs, writers):
+            save_figures(model, final.params, c, dataset, keys, w, writer, step)
     finally:  # however training ends, in-flight saves complete and files are closed
-        if ckpt is not None:
+        for ckpt in filter(None, ckpts):
             ckpt.wait()
             ckpt.close()
-        writer.close()
-    return state
+        for writer in writers:
+            writer.close()
+    return finals
 
 
 def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_sec,

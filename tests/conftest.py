@@ -56,11 +56,7 @@ def tiny_config(data_dir, **overrides):
     c.train.progress_bar = False
     c.train.num_figure_images = 4
     for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
+        configs.set_key(c, key, value)
     return c
 
 

@@ -16,6 +16,7 @@ def tiny_sweep(tmp_path, data_dir) -> ml_collections.ConfigDict:
     s.axes = ml_collections.ConfigDict({"likelihood": ("mse-mean", "bce"),
                                         "warmup": ("on",)})
     s.seeds = (0, 1)
+    s.vmap_seeds = "always"  # the accelerator path, on CPU
     s.overrides = ml_collections.ConfigDict({
         "train": {"num_epochs": 2},
         "eval": {"iwae_samples": 4, "classifier_epochs": 1, "probe_steps": 20,
@@ -39,7 +40,13 @@ def test_grid_maps_axis_values_to_config_overrides(tmp_path, tiny_data_dir):
 def test_quick_sweep_runs_resumes_and_tabulates(tmp_path, tiny_data_dir, monkeypatch):
     s = tiny_sweep(tmp_path, tiny_data_dir)
     out = tmp_path / "sweep"
+    calls = []  # every training goes through train_seeds (train_and_evaluate too)
+    original = train.train_seeds
+    monkeypatch.setattr(train, "train_seeds",
+                        lambda cs, ws: calls.append([str(w) for w in ws]) or original(cs, ws))
     rows = sweep.run_sweep(s, out, progress=False)
+    assert calls == [[str(sweep.run_dir(out, p, seed)) for seed in (0, 1)]
+                     for p in sweep.grid(s)]  # each point's two seeds in one vmapped run
     assert [(r["likelihood"], r["seeds"]) for r in rows] == [("mse-mean", 2), ("bce", 2)]
     for row in rows:
         for metric in ("elbo", "iwae_nll", "ssim", "sharpness", "active_units",
@@ -54,17 +61,14 @@ def test_quick_sweep_runs_resumes_and_tabulates(tmp_path, tiny_data_dir, monkeyp
         assert (out / "figures" / name).stat().st_size > 1000
 
     # Rerunning trains nothing when every run is evaluated...
-    calls = []
-    original = train.train_and_evaluate
-    monkeypatch.setattr(train, "train_and_evaluate",
-                        lambda c, w: calls.append(w) or original(c, w))
+    calls.clear()
     sweep.run_sweep(s, out, progress=False)
     assert calls == []
     # ...and only the run whose evaluation is missing.
     victim = sweep.run_dir(out, sweep.grid(s)[1], 1)
     (victim / "eval.json").unlink()
     again = sweep.run_sweep(s, out, progress=False)
-    assert calls == [str(victim)]
+    assert calls == [[str(victim)]]
     assert json.loads((victim / "eval.json").read_text())["elbo"] == pytest.approx(
         again[1]["elbo_mean"] * 2 - json.loads(
             (sweep.run_dir(out, sweep.grid(s)[1], 0) / "eval.json").read_text())["elbo"])
@@ -89,3 +93,13 @@ def test_every_likelihood_axis_value_gives_a_valid_config(tmp_path, tiny_data_di
     assert configs_by_value["cb"].loss.likelihood == "continuous_bernoulli"
     assert configs_by_value["sigma-learned"].model.decoder_scale == "shared"
     assert configs_by_value["dlogistic"].model.decoder_scale == "per_pixel"
+
+
+def test_vmap_seeds_defaults_to_accelerators_only(tmp_path, tiny_data_dir):
+    import jax
+    s = tiny_sweep(tmp_path, tiny_data_dir)
+    s.vmap_seeds = "auto"
+    assert sweep.vmap_seeds(s) == (jax.default_backend() != "cpu")
+    s.vmap_seeds = "yes"
+    with pytest.raises(configs.ConfigError, match="sweep.vmap_seeds='yes'"):
+        sweep.vmap_seeds(s)

@@ -155,3 +155,54 @@ def test_dynamic_binarization_trains_on_fresh_binary_draws(make_config, tmp_path
     assert float(other["loss"]) != float(with_flag["loss"])
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 2
+
+
+def assert_params_close(a, b, rtol=2e-4, atol=2e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def test_vmapped_seeds_match_separate_runs(make_config, tmp_path):
+    seeds = (0, 1)
+    together = train.train_seeds([make_config(seed=s) for s in seeds],
+                                 [tmp_path / f"v{s}" for s in seeds])
+    for s, state in zip(seeds, together):
+        alone = train.train_and_evaluate(make_config(seed=s), str(tmp_path / f"s{s}"))
+        assert int(state.step) == int(alone.step) == 2 * (256 // 32)
+        assert_params_close(state.params, alone.params)
+        v, a = read_metrics(tmp_path / f"v{s}"), read_metrics(tmp_path / f"s{s}")
+        assert [(r["split"], r["epoch"]) for r in v] == [(r["split"], r["epoch"]) for r in a]
+        for rv, ra in zip(v, a):
+            assert rv["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+        assert (tmp_path / f"v{s}" / "figures" / "samples.png").exists()
+        assert (tmp_path / f"v{s}" / "checkpoints" / "best").is_dir()
+    assert not params_equal(together[0].params, together[1].params)  # seeds really differ
+
+
+def test_vmapped_seeds_resume_exactly(make_config, tmp_path):
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    reference = train.train_seeds([make_config(seed=s, **{"train.num_epochs": 3})
+                                   for s in (0, 1)], [tmp_path / "u0", tmp_path / "u1"])
+    train.train_seeds([make_config(seed=s, **{"train.num_epochs": 1}) for s in (0, 1)], dirs)
+    resumed = train.train_seeds([make_config(seed=s, **{"train.num_epochs": 3})
+                                 for s in (0, 1)], dirs)
+    for a, b in zip(reference, resumed):
+        assert params_equal(a.params, b.params)
+
+
+def test_seeds_at_different_steps_train_one_after_another(make_config, tmp_path):
+    train.train_and_evaluate(make_config(seed=0, **{"train.num_epochs": 1}),
+                             str(tmp_path / "m0"))  # seed 0 has a checkpoint, seed 1 none
+    mixed = train.train_seeds([make_config(seed=s) for s in (0, 1)],
+                              [tmp_path / "m0", tmp_path / "m1"])
+    for s, state in zip((0, 1), mixed):
+        alone = train.train_and_evaluate(make_config(seed=s), str(tmp_path / f"a{s}"))
+        assert params_equal(state.params, alone.params)  # the plain, unvmapped path
+
+
+def test_runs_trained_together_must_differ_only_in_seed(make_config, tmp_path):
+    with pytest.raises(train.configs.ConfigError, match=r"differ only in seed.*loss.beta"):
+        train.train_seeds([make_config(seed=0), make_config(seed=1, **{"loss.beta": 0.5})],
+                          [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(train.configs.ConfigError, match="distinct seeds"):
+        train.train_seeds([make_config(seed=0), make_config(seed=0)],
+                          [tmp_path / "a", tmp_path / "b"])
