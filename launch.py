@@ -7,15 +7,12 @@ Flags only; everything else is in the config (see fvae/configs.py).
 """
 
 import json
-import logging as std_logging
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import fvae
-from fvae import configs, evaluate, parallel, plots, train
+from fvae import configs, evaluate, logs, parallel, plots, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -28,23 +25,10 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "plot"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-OWN_FILES = (os.path.dirname(os.path.abspath(fvae.__file__)) + os.sep,
-             os.path.abspath(__file__))
-
-
-class OwnInfoOnly(std_logging.Filter):
-    """INFO lines from fvae's own files only; warnings and errors from every library."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or \
-            os.path.abspath(record.pathname).startswith(OWN_FILES)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(OwnInfoOnly())
+    logs.show_own_info(__file__)
     config = configs.validate(FLAGS.config)
     parallel.setup_runtime(config)  # before any JAX computation
     if FLAGS.mode == "train":

@@ -84,7 +84,8 @@ class Point:
 
 
 def grid(sweep: ml_collections.ConfigDict) -> list[Point]:
-    """Every combination of the sweep's axes, in the order the config lists them."""
+    """Every combination of the sweep's axes (in alphabetical order, as ConfigDict keeps
+    them), each axis's values in the order the config lists them."""
     unknown = sorted(set(sweep.axes) - set(AXES))
     if unknown:
         raise configs.ConfigError(f"unknown sweep axes {unknown}: expected some of "
@@ -239,19 +240,39 @@ def write_figures(sweep_dir: pathlib.Path, points: Sequence[Point], seeds: Seque
         ax.set_title(f"Test negative ELBO by {axis} (every point and seed)")
         ax.legend()
         paths.append(plots.save_figure(fig, out / f"elbo_by_{axis}.png"))
-    recon_rows = [(point.name, run_dir(sweep_dir, point, seeds[0]) / "figures" /
-                   "reconstructions.png") for point in points]
-    recon_rows = [(n, p) for n, p in recon_rows if p.exists()]
-    if recon_rows:
-        fig, axs = plt.subplots(len(recon_rows), 1, figsize=(10, 1.6 * len(recon_rows)),
-                                squeeze=False)
-        for ax, (name, path) in zip(axs[:, 0], recon_rows):
-            ax.imshow(plt.imread(path))
-            ax.set_title(name, fontsize=9)
-            ax.axis("off")
-        fig.suptitle("Test images and reconstructions, by point (seed %d)" % seeds[0])
-        paths.append(plots.save_figure(fig, out / "reconstructions_by_point.png"))
+    for name, title, columns in (("reconstructions", "Test images and reconstructions", 1),
+                                 ("samples", "Samples from the prior", 3)):
+        found = [(point.name, run_dir(sweep_dir, point, seeds[0]) / "figures" / f"{name}.png")
+                 for point in points]
+        found = [(label, path) for label, path in found if path.exists()]
+        if found:
+            paths.append(_montage(found, out / f"{name}_by_point.png",
+                                  f"{title}, by point (seed {seeds[0]})", columns))
     return paths
+
+
+def _montage(panels: list[tuple[str, pathlib.Path]], path: pathlib.Path, title: str,
+             columns: int) -> pathlib.Path:
+    """The runs' own figures side by side, each under its point's name."""
+    import matplotlib.pyplot as plt
+
+    from fvae import plots
+
+    images = [plt.imread(p) for _, p in panels]
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    width = 10 / columns  # inches per panel
+    heights = [max(width * im.shape[0] / im.shape[1] for im in images[r * columns:][:columns])
+               + 0.4 for r in range(rows)]  # + the panel title
+    fig, axs = plt.subplots(rows, columns, figsize=(10, sum(heights) + 0.5), squeeze=False,
+                            gridspec_kw={"height_ratios": heights}, layout="constrained")
+    for ax in axs.flat:
+        ax.axis("off")
+    for ax, (label, _), image in zip(axs.flat, panels, images):
+        ax.imshow(image)
+        ax.set_title(label if columns == 1 else label.replace(",", "\n"), fontsize=8)
+    fig.suptitle(title)
+    return plots.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -264,14 +285,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags.mark_flags_as_required(["config", "sweep_dir"])
 
     def run(_):
-        from fvae import parallel
-        logging.getLogger().setLevel(logging.INFO)
+        from fvae import logs, parallel
+        logs.show_own_info()
         sweep_config = flags.FLAGS.config
         first = point_config(sweep_config, grid(sweep_config)[0], sweep_config.seeds[0])
         parallel.setup_runtime(first)  # as launch.py does, before any JAX computation
-        rows = run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)
+        run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)
         print((pathlib.Path(flags.FLAGS.sweep_dir) / "results.md").read_text())
-        return rows
+        # (returning anything else would become the exit status)
 
     app.run(run, argv)
 

@@ -57,7 +57,7 @@ def test_quick_sweep_runs_resumes_and_tabulates(tmp_path, tiny_data_dir, monkeyp
     assert table.count("\n") == 4 and "±" in table
     assert (out / "results.csv").read_text().startswith("likelihood,warmup,seeds")
     for name in ("elbo_by_likelihood.png", "elbo_by_warmup.png",
-                 "reconstructions_by_point.png"):
+                 "reconstructions_by_point.png", "samples_by_point.png"):
         assert (out / "figures" / name).stat().st_size > 1000
 
     # Rerunning trains nothing when every run is evaluated...
@@ -74,7 +74,7 @@ def test_quick_sweep_runs_resumes_and_tabulates(tmp_path, tiny_data_dir, monkeyp
             (sweep.run_dir(out, sweep.grid(s)[1], 0) / "eval.json").read_text())["elbo"])
 
 
-@pytest.mark.parametrize("preset,num_points", [("quick", 12), ("full", 48)])
+@pytest.mark.parametrize("preset,num_points", [("quick", 12), ("full", 48), ("likelihoods", 6)])
 def test_ablation_presets_expand_to_valid_configs(preset, num_points, monkeypatch):
     import pathlib
     monkeypatch.chdir(pathlib.Path(__file__).parent.parent)  # sweep.base is repo-relative
