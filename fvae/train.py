@@ -509,7 +509,7 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                                    seed_slice(sums, i, vmapped), step, epoch, epoch_start,
                                    images_per_sec, start_time, beta_schedule, eval_step,
                                    dataset, test_inputs, run_keys[i], writers[i], ckpts[i],
-                                   bar, dp)
+                                   bar, dp, label=f"seed {c.seed}, " if vmapped else "")
                     sums = stack_seeds([zero_metrics() for _ in run_configs], vmapped)
                     timer_step, timer_t0 = step, time.time()
                 # A stop request (possibly arriving during the epoch's evaluation) always
@@ -539,7 +539,7 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
 
 def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_sec,
                start_time, beta_schedule, eval_step, dataset, test_inputs, keys, writer,
-               ckpt, bar, dp) -> None:
+               ckpt, bar, dp, label: str = "") -> None:
     """Writes the epoch's train and test lines and keeps the best checkpoint."""
     train_metrics = mean_metrics(sums, step - epoch_start)
     common = {"epoch": epoch + 1, "step": step, "wall_time": time.time() - start_time}
@@ -554,6 +554,6 @@ def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_
     writer.write({"split": "test", **common, **test_metrics, "beta": beta_now})
     if ckpt is not None:
         ckpt.save_best(step, checkpoint.state_tree(state, zero_metrics()), test_metrics["elbo"])
-    bar.write(f"epoch {epoch + 1}: train loss {train_metrics['loss']:.2f}, test loss "
+    bar.write(f"{label}epoch {epoch + 1}: train loss {train_metrics['loss']:.2f}, test loss "
               f"{test_metrics['loss']:.2f}, test elbo {test_metrics['elbo']:.2f} nats, "
               f"step {step}, {images_per_sec:.0f} img/s")
