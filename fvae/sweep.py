@@ -143,13 +143,15 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
     sweep_dir = pathlib.Path(sweep_dir)
     points = grid(sweep)
     seeds = list(sweep.seeds)
+    if len(set(seeds)) != len(seeds):
+        raise configs.ConfigError(f"sweep.seeds={tuple(seeds)} repeats a seed: list each once")
+    together = vmap_seeds(sweep)  # (checked before anything is written)
     configs_by_point = [[point_config(sweep, p, s) for s in seeds] for p in points]
     for config in itertools.chain(*configs_by_point):
         config.data.dir = data_dir or config.data.dir
         config.train.progress_bar = progress
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(sweep.to_json(indent=2, sort_keys=True) + "\n")
-    together = vmap_seeds(sweep)
     for i, (point, point_configs) in enumerate(zip(points, configs_by_point)):
         todo = [(c, run_dir(sweep_dir, point, c.seed)) for c in point_configs]
         todo = [(c, w) for c, w in todo if not (w / "eval.json").exists()]
@@ -157,8 +159,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
                      len(seeds) - len(todo), len(seeds))
         if not todo:
             continue
-        logging.info("training seeds %s%s", [c.seed for c, _ in todo],
-                     " together" if together and len(todo) > 1 else "")
+        logging.info("training seeds %s", [c.seed for c, _ in todo])
         if together and len(todo) > 1:
             train.train_seeds([c for c, _ in todo], [w for _, w in todo])
         else:

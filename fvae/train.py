@@ -399,6 +399,8 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
     """
     if len(run_configs) != len(workdirs) or not run_configs:
         raise ValueError(f"{len(run_configs)} configs for {len(workdirs)} workdirs")
+    if len({pathlib.Path(w).resolve() for w in workdirs}) != len(workdirs):
+        raise ValueError(f"runs trained together need one workdir each, got {workdirs}")
     for c in run_configs:
         configs.validate(c)
     check_same_but_seed(run_configs)
@@ -434,10 +436,11 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
     per_dispatch = config.train.steps_per_dispatch or \
         default_steps_per_dispatch(schedule.steps_per_epoch)
 
-    ckpts = [checkpoint.Checkpointer(w, c) if config.checkpoint.enabled else None
-             for c, w in zip(run_configs, workdirs)]
+    ckpts: list[checkpoint.Checkpointer | None] = []
     writers: list[MetricsWriter] = []
     try:
+        for c, w in zip(run_configs, workdirs):
+            ckpts.append(checkpoint.Checkpointer(w, c) if config.checkpoint.enabled else None)
         restored = [None if ckpt is None else
                     ckpt.restore_latest(checkpoint.state_tree(state, zero_metrics()))
                     for ckpt, state in zip(ckpts, states)]
@@ -462,10 +465,11 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
 
         state = dp.replicate(stack_seeds(states, vmapped))
         sums = stack_seeds(run_sums, vmapped)
+        del states, restored, run_sums  # no second copy of every seed's state
         train_images = dp.replicate(dataset.train_images)
         train_key = dp.replicate(stack_seeds([k.train for k in run_keys], vmapped))
         start_time = time.time()
-        step = int(states[0].step)
+        step = int(seed_slice(state, 0, vmapped).step)
         logging.info("training %s%s for %d steps (%d epochs of %d steps) in %s", config.name,
                      f" for seeds {[c.seed for c in run_configs]} together" if vmapped else "",
                      schedule.total_steps, schedule.num_epochs, schedule.steps_per_epoch,
@@ -528,13 +532,27 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
         finals = [seed_slice(state, i, vmapped) for i in range(len(run_configs))]
         for c, final, keys, w, writer in zip(run_configs, finals, run_keys, workdirs, writers):
             save_figures(model, final.params, c, dataset, keys, w, writer, step)
-    finally:  # however training ends, in-flight saves complete and files are closed
-        for ckpt in filter(None, ckpts):
-            ckpt.wait()
-            ckpt.close()
-        for writer in writers:
-            writer.close()
+    except BaseException:  # however training ends, in-flight saves complete, files close
+        close_all(ckpts, writers, raise_first=False)  # and the first error is the one seen
+        raise
+    close_all(ckpts, writers)
     return finals
+
+
+def close_all(ckpts, writers, raise_first: bool = True) -> None:
+    """Waits for and closes every checkpointer and writer, even when one of them fails;
+    then raises the first failure (if `raise_first`) or logs them."""
+    errors = []
+    for close in [f for ckpt in filter(None, ckpts) for f in (ckpt.wait, ckpt.close)] + \
+            [writer.close for writer in writers]:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - the rest must still close
+            errors.append(e)
+    if errors and raise_first:
+        raise errors[0]
+    for e in errors:
+        logging.error("while closing the run's files: %s", e)
 
 
 def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_sec,

@@ -206,3 +206,36 @@ def test_runs_trained_together_must_differ_only_in_seed(make_config, tmp_path):
     with pytest.raises(train.configs.ConfigError, match="distinct seeds"):
         train.train_seeds([make_config(seed=0), make_config(seed=0)],
                           [tmp_path / "a", tmp_path / "b"])
+
+
+def test_close_all_closes_everything_then_raises_the_first_failure():
+    closed = []
+
+    class Checkpointer:
+        def __init__(self, name, fail):
+            self.name, self.fail = name, fail
+
+        def wait(self):
+            if self.fail:
+                raise OSError(f"disk full under {self.name}")
+
+        def close(self):
+            closed.append(self.name)
+
+    class Writer:
+        def close(self):
+            closed.append("writer")
+
+    ckpts = [Checkpointer("a", True), None, Checkpointer("b", True)]
+    with pytest.raises(OSError, match="under a"):
+        train.close_all(ckpts, [Writer()])
+    assert closed == ["a", "b", "writer"]
+    closed.clear()
+    train.close_all(ckpts, [Writer()], raise_first=False)  # an error is already in flight
+    assert closed == ["a", "b", "writer"]
+
+
+def test_runs_trained_together_need_their_own_workdirs(make_config, tmp_path):
+    with pytest.raises(ValueError, match="one workdir each"):
+        train.train_seeds([make_config(seed=0), make_config(seed=1)],
+                          [tmp_path / "same", tmp_path / "same"])
