@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fvae import binarize, checkpoint, classifier, data, losses, models
+from fvae import binarize, checkpoint, classifier, configs, data, losses, models
 from fvae.batching import map_batches
 from fvae.writer import jsonable
 
@@ -431,6 +431,7 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
                                 only=checkpoint.MODEL_PREFIXES)
     results = evaluate(model, params, config, data.load(config), progress)
     results["eval_seconds"] = time.time() - start
+    results["eval_settings"] = configs.flatten(config.eval)  # what the numbers depend on
     path = pathlib.Path(workdir) / "eval.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({k: [jsonable(x) for x in v] if isinstance(v, list)

@@ -135,9 +135,23 @@ def run_dir(sweep_dir: pathlib.Path, point: Point, seed: int) -> pathlib.Path:
     return sweep_dir / point.name.replace("=", "-") / f"seed{seed}"
 
 
+def evaluated(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
+    """Whether the run has an eval.json made with the config's eval settings (one made
+    with others, e.g. before the sweep's IWAE settings changed, is redone)."""
+    path = workdir / "eval.json"
+    if not path.exists():
+        return False
+    try:
+        settings = json.loads(path.read_text()).get("eval_settings")
+    except json.JSONDecodeError:
+        return False
+    return settings == configs.flatten(config.eval)
+
+
 def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
               data_dir: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Trains and evaluates every (point, seed) not yet evaluated; writes the results."""
+    """Trains and evaluates every (point, seed) not yet evaluated with the sweep's eval
+    settings (training resumes or, if finished, returns at once); writes the results."""
     from fvae import evaluate, train
 
     sweep_dir = pathlib.Path(sweep_dir)
@@ -154,7 +168,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
     (sweep_dir / "sweep.json").write_text(sweep.to_json(indent=2, sort_keys=True) + "\n")
     for i, (point, point_configs) in enumerate(zip(points, configs_by_point)):
         todo = [(c, run_dir(sweep_dir, point, c.seed)) for c in point_configs]
-        todo = [(c, w) for c, w in todo if not (w / "eval.json").exists()]
+        todo = [(c, w) for c, w in todo if not evaluated(w, c)]
         logging.info("[%d/%d] %s: %d of %d seeds done", i + 1, len(points), point.name,
                      len(seeds) - len(todo), len(seeds))
         if not todo:

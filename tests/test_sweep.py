@@ -72,6 +72,16 @@ def test_quick_sweep_runs_resumes_and_tabulates(tmp_path, tiny_data_dir, monkeyp
     assert json.loads((victim / "eval.json").read_text())["elbo"] == pytest.approx(
         again[1]["elbo_mean"] * 2 - json.loads(
             (sweep.run_dir(out, sweep.grid(s)[1], 0) / "eval.json").read_text())["elbo"])
+    # Changed eval settings redo every evaluation (training is finished: no new steps).
+    s.overrides.eval.iwae_samples = 3
+    sweep.run_sweep(s, out, progress=False)
+    for point in sweep.grid(s):
+        for seed in (0, 1):
+            run = sweep.run_dir(out, point, seed)
+            assert json.loads((run / "eval.json").read_text())["eval_settings"][
+                "iwae_samples"] == 3
+            assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])[
+                "step"] == 16  # resumed at its end: nothing more was trained
 
 
 @pytest.mark.parametrize("preset,num_points", [("quick", 12), ("full", 48), ("likelihoods", 6)])
