@@ -223,10 +223,8 @@ def state_tree(state, epoch_sums: dict[str, Any]) -> dict[str, Any]:
             "epoch_sums": dict(epoch_sums)}
 
 
-def load(workdir: str | pathlib.Path, which: str | int = "latest"):
-    """(config, model, params) of a trained run: which = 'latest', 'best' or a step."""
-    from fvae import configs, models, train  # local: train imports this module
-
+def _open_read_only(workdir: str | pathlib.Path, which: str | int):
+    """(manager, step) of the checkpoint `which` names; the caller closes the manager."""
     root = pathlib.Path(workdir).absolute() / "checkpoints"
     kind = "best" if which == "best" else "latest"
     if not (root / kind).is_dir():
@@ -236,8 +234,24 @@ def load(workdir: str | pathlib.Path, which: str | int = "latest"):
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if which in ("latest", "best") else int(which)
     if step is None or step not in manager.all_steps():
-        raise CheckpointError(f"no checkpoint {which!r} in {root / kind} (steps: "
-                              f"{manager.all_steps()})")
+        steps = manager.all_steps()
+        manager.close()
+        raise CheckpointError(f"no checkpoint {which!r} in {root / kind} (steps: {steps})")
+    return manager, step
+
+
+def checkpoint_step(workdir: str | pathlib.Path, which: str | int = "latest") -> int:
+    """The training step of the checkpoint `which` names ('latest', 'best' or a step)."""
+    manager, step = _open_read_only(workdir, which)
+    manager.close()
+    return step
+
+
+def load(workdir: str | pathlib.Path, which: str | int = "latest"):
+    """(config, model, params) of a trained run: which = 'latest', 'best' or a step."""
+    from fvae import configs, models, train  # local: train imports this module
+
+    manager, step = _open_read_only(workdir, which)
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     config = configs.from_dict(meta["config"])
     model = models.build_model(config.model)

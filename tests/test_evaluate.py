@@ -13,7 +13,7 @@ EVAL_KEYS = {"elbo", "nll_recon", "kl", "kl_per_dim", "active_units", "iwae_nll"
              "recon_mse", "psnr", "ssim", "sharpness", "fd_samples", "fd_recons",
              "classifier_test_accuracy", "probe_accuracy", "num_test_images",
              "iwae_samples", "iwae_num_images", "fd_num_samples", "iwae_seconds",
-             "eval_seconds", "eval_settings"}
+             "eval_seconds", "eval_settings", "checkpoint_step"}
 QUICK_EVAL = {"eval.iwae_samples": 40, "eval.iwae_decode_batch": 64,
               "eval.classifier_epochs": 2, "eval.probe_steps": 50}
 
@@ -272,6 +272,7 @@ def test_evaluate_run_writes_every_metric(run):
     assert set(written) == EVAL_KEYS
     assert written["num_test_images"] == 64 and written["iwae_samples"] == 40
     assert written["eval_settings"]["iwae_samples"] == 40  # what the sweep checks
+    assert written["checkpoint_step"] == checkpoint.checkpoint_step(workdir, "best") > 0
     assert len(written["kl_per_dim"]) == config.model.latent_dim
     assert sum(written["kl_per_dim"]) == pytest.approx(written["kl"], rel=1e-4)
     assert written["elbo"] == pytest.approx(written["nll_recon"] + written["kl"], rel=1e-6)
