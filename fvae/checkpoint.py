@@ -18,7 +18,7 @@ import logging
 import pathlib
 import shutil
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -223,8 +223,18 @@ def state_tree(state, epoch_sums: dict[str, Any]) -> dict[str, Any]:
             "epoch_sums": dict(epoch_sums)}
 
 
-def _open_read_only(workdir: str | pathlib.Path, which: str | int):
-    """(manager, step) of the checkpoint `which` names; the caller closes the manager."""
+class LoadedRun(NamedTuple):
+    """A trained run's checkpoint, read back: what it is, its parameters, its step."""
+    config: ml_collections.ConfigDict
+    model: Any
+    params: Any
+    step: int
+
+
+def load_run(workdir: str | pathlib.Path, which: str | int = "latest") -> LoadedRun:
+    """The checkpoint `which` names ('latest', 'best' or a step), with its step."""
+    from fvae import configs, models, train  # local: train imports this module
+
     root = pathlib.Path(workdir).absolute() / "checkpoints"
     kind = "best" if which == "best" else "latest"
     if not (root / kind).is_dir():
@@ -232,31 +242,24 @@ def _open_read_only(workdir: str | pathlib.Path, which: str | int):
                               "workdir, and did training reach its first save?")
     manager = ocp.CheckpointManager(root / kind, item_names=("state", "meta"),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if which in ("latest", "best") else int(which)
-    if step is None or step not in manager.all_steps():
-        steps = manager.all_steps()
+    try:
+        step = manager.latest_step() if which in ("latest", "best") else int(which)
+        if step is None or step not in manager.all_steps():
+            raise CheckpointError(f"no checkpoint {which!r} in {root / kind} (steps: "
+                                  f"{manager.all_steps()})")
+        meta = manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        config = configs.from_dict(meta["config"])
+        model = models.build_model(config.model)
+        target = train.abstract_checkpoint_tree(config, model)
+        tree = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+    finally:
         manager.close()
-        raise CheckpointError(f"no checkpoint {which!r} in {root / kind} (steps: {steps})")
-    return manager, step
-
-
-def checkpoint_step(workdir: str | pathlib.Path, which: str | int = "latest") -> int:
-    """The training step of the checkpoint `which` names ('latest', 'best' or a step)."""
-    manager, step = _open_read_only(workdir, which)
-    manager.close()
-    return step
+    params = jax.tree.map(jax.numpy.asarray, tree["train_state"]["params"])
+    return LoadedRun(config, model, params, step)
 
 
 def load(workdir: str | pathlib.Path, which: str | int = "latest"):
     """(config, model, params) of a trained run: which = 'latest', 'best' or a step."""
-    from fvae import configs, models, train  # local: train imports this module
-
-    manager, step = _open_read_only(workdir, which)
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    config = configs.from_dict(meta["config"])
-    model = models.build_model(config.model)
-    target = train.abstract_checkpoint_tree(config, model)
-    tree = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
-    manager.close()
-    return config, model, jax.tree.map(jax.numpy.asarray, tree["train_state"]["params"])
+    return load_run(workdir, which)[:3]

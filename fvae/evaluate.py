@@ -423,7 +423,7 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
     eval block are used.
     """
     start = time.time()
-    saved, model, params = checkpoint.load(workdir, which)
+    saved, model, params, step = checkpoint.load_run(workdir, which)
     if config is None:
         config = saved
     else:
@@ -432,7 +432,7 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
     results = evaluate(model, params, config, data.load(config), progress)
     results["eval_seconds"] = time.time() - start
     results["eval_settings"] = configs.flatten(config.eval)  # what the numbers depend on
-    results["checkpoint_step"] = checkpoint.checkpoint_step(workdir, which)
+    results["checkpoint_step"] = step
     path = pathlib.Path(workdir) / "eval.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({k: [jsonable(x) for x in v] if isinstance(v, list)

@@ -272,7 +272,7 @@ def test_evaluate_run_writes_every_metric(run):
     assert set(written) == EVAL_KEYS
     assert written["num_test_images"] == 64 and written["iwae_samples"] == 40
     assert written["eval_settings"]["iwae_samples"] == 40  # what the sweep checks
-    assert written["checkpoint_step"] == checkpoint.checkpoint_step(workdir, "best") > 0
+    assert written["checkpoint_step"] == checkpoint.load_run(workdir, "best").step > 0
     assert len(written["kl_per_dim"]) == config.model.latent_dim
     assert sum(written["kl_per_dim"]) == pytest.approx(written["kl"], rel=1e-4)
     assert written["elbo"] == pytest.approx(written["nll_recon"] + written["kl"], rel=1e-6)
