@@ -2,6 +2,7 @@
 
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -74,3 +75,21 @@ def write_experiment(path: pathlib.Path, data_dir, **overrides) -> pathlib.Path:
         "from conftest import tiny_config\n\n"
         f"def get_config():\n    return tiny_config({str(data_dir)!r}, **{overrides!r})\n")
     return path
+
+
+def params_equal(a, b) -> bool:
+    """Whether two parameter trees are bit-for-bit equal."""
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def assert_params_close(a, b, rtol=2e-4, atol=2e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def loss_config(likelihood="bce", reduction="sum", **overrides):
+    """The base config's loss block with these values."""
+    c = configs.get_base_config().loss
+    c.likelihood, c.reduction = likelihood, reduction
+    for key, value in overrides.items():
+        c[key] = value
+    return c

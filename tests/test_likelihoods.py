@@ -10,6 +10,7 @@ import mpmath
 import numpy as np
 import pytest
 
+from conftest import loss_config
 from fvae import configs, losses, models, train
 from fvae.writer import read_metrics
 
@@ -17,14 +18,6 @@ mpmath.mp.dps = 40
 CB_LOGITS = [0.0, 1e-6, 1e-3, 0.1, 0.3, 0.49, 0.4999999, 0.5, 0.5000001, 0.51, 1.0, 2.5,
              10.0, 30.0, 88.0, 200.0, 1e4]
 CB_LOGITS = sorted({s * v for v in CB_LOGITS for s in (1.0, -1.0)})
-
-
-def loss_config(likelihood, **kw):
-    c = configs.get_base_config().loss
-    c.likelihood = likelihood
-    for k, v in kw.items():
-        c[k] = v
-    return c
 
 
 def pixels(values) -> jnp.ndarray:

@@ -2,15 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fvae import configs, losses
-
-
-def loss_config(likelihood="bce", reduction="sum", **kw):
-    c = configs.get_base_config().loss
-    c.likelihood, c.reduction = likelihood, reduction
-    for k, v in kw.items():
-        c[k] = v
-    return c
+from conftest import loss_config
+from fvae import losses
 
 
 @pytest.fixture

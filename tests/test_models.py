@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import params_equal
 from fvae import configs, models
 
 
@@ -119,5 +120,3 @@ def test_phase_kernel_matches_a_direct_transposed_conv():
     np.testing.assert_allclose(y, out, rtol=1e-5, atol=1e-5)
 
 
-def params_equal(a, b):
-    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))

@@ -7,14 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import assert_params_close, params_equal
 from fvae import train
 from fvae.writer import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
-
-
-def params_equal(a, b):
-    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
 
 
 def test_training_lowers_the_test_loss_and_writes_the_run(make_config, tmp_path):
@@ -52,8 +49,7 @@ def test_steps_per_dispatch_does_not_change_the_result(make_config, tmp_path):
     # 3 does not divide the 8 steps of an epoch: chunks of 3, 3, 2 per epoch.
     three = train.train_and_evaluate(make_config(**{"train.steps_per_dispatch": 3}),
                                      str(tmp_path / "three"))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
-                 one.params, three.params)
+    assert_params_close(one.params, three.params, rtol=1e-4, atol=1e-5)
 
 
 def test_num_steps_overrides_epochs_and_warmup_reaches_beta(make_config, tmp_path):
@@ -155,10 +151,6 @@ def test_dynamic_binarization_trains_on_fresh_binary_draws(make_config, tmp_path
     assert float(other["loss"]) != float(with_flag["loss"])
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 2
-
-
-def assert_params_close(a, b, rtol=2e-4, atol=2e-5):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
 def test_vmapped_seeds_match_separate_runs(make_config, tmp_path):
