@@ -29,12 +29,21 @@ print(json.dumps({"devices": jax.device_count(), "leaves": leaves}))
 """
 
 
-def run_on(devices: int, data_dir, workdir) -> dict:
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(devices), str(data_dir),
-                             str(TESTS), str(workdir)], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+XLA_CPU_HANG = "Termination timeout for `all reduce"  # the known XLA:CPU deadlock
+
+
+def run_on(devices: int, data_dir, workdir, attempts: int = 3) -> dict:
+    """Trains in a fresh process with `devices` CPU devices. jaxlib's multi-device CPU
+    all-reduce sometimes deadlocks and aborts (why train.cpu_devices defaults to 1, see
+    README); such a run is retried, and skipped if it never gets through."""
+    for _ in range(attempts):
+        result = subprocess.run([sys.executable, "-c", SCRIPT, str(devices), str(data_dir),
+                                 str(TESTS), str(workdir)], capture_output=True, text=True,
+                                timeout=600)
+        if XLA_CPU_HANG not in result.stderr:
+            assert result.returncode == 0, result.stderr[-3000:]
+            return json.loads(result.stdout.strip().splitlines()[-1])
+    pytest.skip(f"XLA:CPU's all-reduce deadlocked {attempts} times on {devices} devices")
 
 
 def test_several_cpu_devices_match_one(tiny_data_dir, tmp_path):
