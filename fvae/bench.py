@@ -3,6 +3,7 @@
     python -m fvae.bench                                  # the study's model, defaults
     python -m fvae.bench --models conv,keras --batch-sizes 64,128,256 --devices 1,2
     python -m fvae.bench --upsample subpixel,conv_transpose --reference torch,keras
+    python -m fvae.bench --seeds 1,2 --devices 1          # vmapped seeds (fvae.sweep)
 
 Each configuration runs in its own subprocess (so the number of CPU devices can
 differ and peak memory is that configuration's own) on random uint8 images resident
@@ -94,17 +95,24 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         spec = {**spec, "devices": min(spec["devices"], jax.device_count())}
     dp = parallel.make_data_parallel(spec["devices"])
     model = models.build_model(config.model)
-    state = dp.replicate(train.create_train_state(config, model, jax.random.key(0), 10_000))
+    seeds = spec.get("seeds", 1)
+    vmapped = seeds > 1  # as train.train_seeds: one vmapped step for all the seeds
+    state = dp.replicate(train.stack_seeds(
+        [train.create_train_state(config, model, jax.random.key(s), 10_000)
+         for s in range(seeds)], vmapped))
     num_images = spec["num_images"]
     steps_per_epoch = num_images // batch
     step_fn = train.make_train_step(model, config.loss, losses.make_beta_schedule(
         config.loss, steps_per_epoch, 10_000))
     chunk = train.make_train_chunk(step_fn, batch, steps_per_epoch,
-                                   dp.batch if dp.num_devices > 1 else None)
+                                   dp.batch if dp.num_devices > 1 else None, vmap_seeds=vmapped)
     images = dp.replicate(np.random.default_rng(0).integers(0, 256, (num_images, 28, 28),
                                                             dtype=np.uint8))
-    perm = dp.replicate(train.epoch_permutation(jax.random.key(1), 0, num_images))
-    key = dp.replicate(jax.random.key(2))
+    perm = dp.replicate(train.stack_seeds(
+        [train.epoch_permutation(jax.random.key(100 + s), 0, num_images) for s in range(seeds)],
+        vmapped))
+    key = dp.replicate(train.stack_seeds([jax.random.key(200 + s) for s in range(seeds)],
+                                         vmapped))
     per_call = spec["steps_per_dispatch"]
 
     t = time.perf_counter()
@@ -120,7 +128,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         state, _ = chunk(state, images, perm, key, num_steps=per_call)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t
-    images_per_sec = calls * per_call * batch / seconds
+    images_per_sec = calls * per_call * batch * seeds / seconds  # all seeds' images
     flops = useful_macs_per_image(config.model) * TRAIN_FLOPS_PER_MAC
     return {**spec, "framework": "jax", "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
@@ -145,23 +153,26 @@ REFERENCE_MODULES = {"keras": "benchmarks.keras_reference",
 
 
 def reference_spec(framework: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {**spec, "framework": framework, "upsample": "conv_transpose", "devices": 1}
+    return {**spec, "framework": framework, "upsample": "conv_transpose", "devices": 1,
+            "seeds": 1}
 
 
 def format_table(rows: list[dict[str, Any]], peak: float) -> str:
-    head = ("| framework | model | latent | upsample | batch | devices | images/s | ms/step "
-            "| compile s | peak MB | useful GFLOP/s | % of matmul peak |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| framework | model | latent | upsample | batch | devices | seeds | images/s "
+            "| ms/step | compile s | peak MB | useful GFLOP/s | % of matmul peak |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
         if "error" in r:
             out.append(f"| {r.get('framework', 'jax')} | {r['model']} | {r['latent_dim']} | "
-                       f"{r['upsample']} | {r['batch_size']} | {r['devices']} | error: "
+                       f"{r['upsample']} | {r['batch_size']} | {r['devices']} | "
+                       f"{r.get('seeds', 1)} | error: "
                        f"{r['error'][0][:60]} |||||||")
             continue
         out.append(
             f"| {r['framework']} | {r['model']} | {r['latent_dim']} | {r['upsample']} | "
-            f"{r['batch_size']} | {r['devices']} | {r['images_per_sec']:.0f} | "
+            f"{r['batch_size']} | {r['devices']} | {r.get('seeds', 1)} | "
+            f"{r['images_per_sec']:.0f} | "
             f"{r['ms_per_step']:.1f} | {r.get('compile_s', float('nan')):.1f} | "
             f"{r['peak_memory_mb']:.0f} | {r['useful_gflops']:.1f} | "
             f"{100 * r['useful_gflops'] / peak:.1f} |")
@@ -175,6 +186,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", default="128")
     parser.add_argument("--devices", default="1,2", help="CPU devices (ignored on GPU)")
     parser.add_argument("--upsample", default="subpixel,conv_transpose")
+    parser.add_argument("--seeds", default="1",
+                        help="runs trained together as one vmapped step (images/s counts all)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--steps-per-dispatch", type=int, default=1)
     parser.add_argument("--num-images", type=int, default=60_000)
@@ -207,9 +220,10 @@ def main(argv=None) -> None:
                     print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
                 for upsample in args.upsample.split(","):
                     for devices in map(int, args.devices.split(",")):
-                        rows.append(run_child({**base, "upsample": upsample,
-                                               "devices": devices}))
-                        print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
+                        for seeds in map(int, args.seeds.split(",")):
+                            rows.append(run_child({**base, "upsample": upsample,
+                                                   "devices": devices, "seeds": seeds}))
+                            print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
     table = format_table(rows, peak)
     print(f"\nmeasured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
     pathlib.Path(args.out).write_text(json.dumps(
