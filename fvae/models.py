@@ -19,6 +19,8 @@ import ml_collections
 
 IMAGE_SHAPE = (28, 28, 1)
 
+Shard = tuple[int | jax.Array, int]  # (i, n): part i of n equal parts of a batch
+
 
 # Which 3x3 taps feed each output phase of a stride-2 'SAME' transposed conv: for an
 # output row of parity r, window row dy of the 2x2 window uses kernel row PHASE_TAPS[r][dy].
@@ -182,10 +184,14 @@ class VAE(nn.Module):
     encoder: nn.Module
     decoder: nn.Module
 
-    def __call__(self, images, key):
-        """Returns (logits, mean, logvar) for float images in [0, 1], [B, 28, 28, 1]."""
+    def __call__(self, images, key, shard: Shard = (0, 1)):
+        """Returns (logits, mean, logvar) for float images in [0, 1], [B, 28, 28, 1].
+
+        `shard` = (i, n) says the images are part i of n equal parts of a batch: they get
+        that part's rows of the whole batch's noise, so a batch split across devices
+        draws exactly what it would in one piece."""
         mean, logvar = self.encode(images)
-        z = reparameterize(key, mean, logvar)
+        z = reparameterize(key, mean, logvar, shard)
         return self.decode(z), mean, logvar
 
     def encode(self, images):
@@ -195,9 +201,16 @@ class VAE(nn.Module):
         return self.decoder(z)
 
 
-def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    """z = mean + sigma * eps with eps ~ N(0, I) drawn from `key`."""
-    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array,
+                   shard: Shard = (0, 1)) -> jax.Array:
+    """z = mean + sigma * eps with eps ~ N(0, I) drawn from `key`; for part i of n of a
+    batch (`shard`, i may be traced), eps is that part's rows of the whole batch's draw."""
+    index, parts = shard
+    rows = mean.shape[0]
+    eps = jax.random.normal(key, (parts * rows, *mean.shape[1:]), mean.dtype)
+    if parts > 1:
+        eps = jax.lax.dynamic_slice_in_dim(eps, index * rows, rows)
+    return mean + jnp.exp(0.5 * logvar) * eps
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> VAE:

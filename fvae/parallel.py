@@ -1,9 +1,17 @@
 """Data parallelism: one mesh axis, 'data', over every device of every process.
 
 The same code runs on 1 CPU, N CPU devices, 1 GPU or 8 GPUs: parameters, optimizer
-state and the (small) training set are replicated, each batch is sharded along
-'data', and XLA inserts the gradient all-reduce. Results equal the one-device run
-within float tolerance (the sum over the batch is split differently).
+state and the (small) training set are replicated and each batch is split across the
+devices. Results equal the one-device run within float tolerance (the sum over the
+batch is split differently). How the gradients are summed across devices:
+
+- 'xla' (accelerators, several processes): the batch is sharded along 'data' and XLA
+  inserts the gradient all-reduce.
+- 'host' (several CPU devices in one process, the default there): each device computes
+  its part's gradients in its own program, the runtime copies them across and every
+  device applies the same summed update. No XLA collective runs, because jaxlib
+  0.10.2's in-process CPU all-reduce sometimes deadlocks (and aborts after 40 s) with
+  as many CPU devices as cores.
 
 Multi-host: `initialize_distributed()` calls `jax.distributed.initialize()` when the
 environment asks for it (JAX_COORDINATOR_ADDRESS, or a SLURM/Open MPI job of more
@@ -23,11 +31,19 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fvae import configs
+
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
-    """A 1-D device mesh and the two shardings training needs."""
+    """A 1-D device mesh, the two shardings training needs, and how gradients are
+    summed across its devices (`host_reduce`: by the runtime, see the module doc)."""
     mesh: Mesh
+    host_reduce: bool = False
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return list(self.mesh.devices.flat)
 
     @property
     def num_devices(self) -> int:
@@ -49,9 +65,23 @@ class DataParallel:
         """Splits the leading (batch) axis of every leaf across devices."""
         return jax.device_put(tree, self.batch)
 
+    def local_copies(self, tree) -> list:
+        """A replicated tree as one single-device tree per device (no copies made)."""
+        def on(device):
+            return lambda x: next(s.data for s in x.addressable_shards if s.device == device)
+        return [jax.tree.map(on(device), tree) for device in self.devices]
 
-def make_data_parallel(num_devices: int = 0) -> DataParallel:
-    """A mesh over the first `num_devices` devices (0: all, across all processes)."""
+    def from_local_copies(self, trees: list):
+        """The inverse of local_copies: equal per-device trees as one replicated tree."""
+        return jax.tree.map(lambda *xs: jax.make_array_from_single_device_arrays(
+            xs[0].shape, self.replicated, list(xs)), *trees)
+
+
+def make_data_parallel(num_devices: int = 0, reduce: str = "auto") -> DataParallel:
+    """A mesh over the first `num_devices` devices (0: all, across all processes).
+
+    `reduce` (train.cross_device_reduce) is 'host', 'xla', or 'auto': 'host' for several
+    CPU devices in one process, 'xla' otherwise (see the module doc)."""
     devices = jax.devices()
     if num_devices:
         if num_devices > len(devices):
@@ -59,7 +89,15 @@ def make_data_parallel(num_devices: int = 0) -> DataParallel:
                              f"{jax.default_backend()} devices are visible; lower it or set "
                              "it to 0 to use them all.")
         devices = devices[:num_devices]
-    return DataParallel(Mesh(np.asarray(devices), ("data",)))
+    if reduce not in configs.CROSS_DEVICE_REDUCES:
+        raise ValueError(f"train.cross_device_reduce={reduce!r}; use one of "
+                         f"{configs.CROSS_DEVICE_REDUCES}.")
+    if reduce == "host" and jax.process_count() > 1:
+        raise ValueError("train.cross_device_reduce='host' sums gradients within one "
+                         "process; a multi-process job needs 'xla' (or 'auto').")
+    host = reduce == "host" or (reduce == "auto" and jax.default_backend() == "cpu"
+                                and jax.process_count() == 1)
+    return DataParallel(Mesh(np.asarray(devices), ("data",)), host and len(devices) > 1)
 
 
 def cpu_device_count(requested: int, batch_sizes: tuple[int, ...] = ()) -> int:
@@ -67,9 +105,8 @@ def cpu_device_count(requested: int, batch_sizes: tuple[int, ...] = ()) -> int:
     one per core that every batch size divides evenly.
 
     XLA:CPU runs small convolutions on one core; splitting the batch over several
-    CPU devices uses the others (fvae.bench on 2 cores: 1.4x the images/s of one).
-    It is not the default: with 2 devices on 2 cores, jaxlib 0.10.2 sometimes
-    aborts training after 40 s stuck in the gradient all-reduce."""
+    CPU devices uses the others (fvae.bench on 2 cores: about 1.3x the images/s of
+    one)."""
     if requested:
         return requested
     divisor = math.gcd(*batch_sizes) if batch_sizes else 1

@@ -104,10 +104,23 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.VAE,
 TRAIN_METRICS = ("loss", "recon", "kl", "beta", "elbo", "grad_norm", "skipped")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The pure training step, train_step(state, batch, key) -> (state, metrics), in two
+    halves so that gradients can be summed across devices between them:
+    `grads(params, step, batch, key, shard)` -> (grads, loss parts) of part `shard` of the
+    batch, and `apply(state, grads, parts)` -> (state, metrics)."""
+    grads: Callable
+    apply: Callable
+
+    def __call__(self, state: TrainState, batch: jax.Array, key: jax.Array):
+        return self.apply(state, *self.grads(state.params, state.step, batch, key))
+
+
 def make_train_step(model: models.VAE, loss_config: ml_collections.ConfigDict,
                     beta_schedule: Callable[[jax.Array], jax.Array],
-                    skip_nonfinite: bool = False, binarize_inputs: bool = False):
-    """Returns the pure train_step(state, batch, key) -> (state, metrics).
+                    skip_nonfinite: bool = False, binarize_inputs: bool = False) -> TrainStep:
+    """Returns the pure TrainStep.
 
     With `binarize_inputs`, each uint8 batch is replaced by a fresh Bernoulli draw
     (dynamic binarisation) from a key derived from the step's key.
@@ -117,18 +130,27 @@ def make_train_step(model: models.VAE, loss_config: ml_collections.ConfigDict,
     data order and keys stay those of an uninterrupted run) and counts as `skipped`.
     """
 
-    def train_step(state: TrainState, batch: jax.Array, key: jax.Array):
-        if binarize_inputs:
+    def grads(params, step: jax.Array, batch: jax.Array, key: jax.Array,
+              shard: models.Shard = (0, 1)):
+        """Gradients of the batch-mean loss over part i of n equal parts of `batch`
+        (`shard` = (i, n)); the mean of the n parts' results is the whole batch's."""
+        if binarize_inputs:  # drawn for the whole batch, so every part sees its own rows
             batch = binarize.binarize(jax.random.fold_in(key, 1), batch)
+        index, parts = shard
+        if parts > 1:
+            rows = batch.shape[0] // parts
+            batch = jax.lax.dynamic_slice_in_dim(batch, index * rows, rows)
         x = models.to_float(batch)
-        beta = beta_schedule(state.step)
+        beta = beta_schedule(step)
 
         def loss_fn(params):
-            logits, mean, logvar = model.apply({"params": params}, x, key)
+            logits, mean, logvar = model.apply({"params": params}, x, key, shard)
             return losses.vae_loss(logits, mean, logvar, x, beta, loss_config)
 
-        grads, parts = jax.grad(loss_fn, has_aux=True)(state.params)
-        parts["grad_norm"] = optax.tree.norm(grads)
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    def apply(state: TrainState, grads, parts: Metrics):
+        parts = {**parts, "grad_norm": optax.tree.norm(grads)}
         new_state = state.apply_gradients(grads=grads)
         parts["skipped"] = jnp.zeros((), jnp.float32)
         if skip_nonfinite:
@@ -139,15 +161,17 @@ def make_train_step(model: models.VAE, loss_config: ml_collections.ConfigDict,
             parts["skipped"] = 1.0 - ok.astype(jnp.float32)
         return new_state, parts
 
-    return train_step
+    return TrainStep(grads, apply)
 
 
 def make_eval_step(model: models.VAE, loss_config: ml_collections.ConfigDict):
-    """Returns eval_step(params, batch, mask, key, beta) -> metrics summed over the mask."""
+    """Returns eval_step(params, batch, mask, key, beta, shard) -> metrics summed over the
+    mask, for a batch that is part `shard` = (i, n) of an evaluation batch."""
 
-    def eval_step(params, batch: jax.Array, mask: jax.Array, key: jax.Array, beta):
+    def eval_step(params, batch: jax.Array, mask: jax.Array, key: jax.Array, beta,
+                  shard: models.Shard = (0, 1)):
         x = models.to_float(batch)
-        logits, mean, logvar = model.apply({"params": params}, x, key)
+        logits, mean, logvar = model.apply({"params": params}, x, key, shard)
         terms = losses.per_image_terms(logits, mean, logvar, x, beta, loss_config)
         sums = {name: jnp.sum(value * mask) for name, value in terms.items()}
         sums["count"] = jnp.sum(mask)
@@ -161,20 +185,27 @@ def epoch_permutation(data_key: jax.Array, epoch: int, num_train: int) -> jax.Ar
     return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_train)
 
 
-def make_train_chunk(train_step, batch_size: int, steps_per_epoch: int,
-                     batch_sharding: jax.sharding.Sharding | None = None,
-                     vmap_seeds: bool = False):
-    """Jitted: run `num_steps` steps from state.step, batches gathered on device.
+def make_train_chunk(train_step: TrainStep, batch_size: int, steps_per_epoch: int,
+                     dp: parallel.DataParallel | None = None, vmap_seeds: bool = False):
+    """train_chunk(state, images, perm, train_key, num_steps) -> (state, summed metrics):
+    `num_steps` steps from state.step, each batch gathered on device from the resident
+    training set.
 
-    Each batch is gathered from the resident training set and, with `batch_sharding`,
-    split across devices. Returns the new state and the metrics summed over the chunk.
-    With `vmap_seeds`, the state, permutation and key carry a leading seed axis and all
-    seeds step together as one vmapped computation over the shared images.
+    With a several-device `dp`, the state and inputs are replicated and each batch is
+    split across the devices; gradients are summed by XLA (one jitted call) or, with
+    dp.host_reduce, by the runtime (`make_host_reduce_chunk`). With `vmap_seeds`, the
+    state, permutation and key carry a leading seed axis and all seeds step together as
+    one vmapped computation over the shared images.
     """
+    if dp is not None and dp.host_reduce:
+        if vmap_seeds:
+            raise ValueError("vmapped seeds need one device or train.cross_device_reduce="
+                             "'xla'")
+        return make_host_reduce_chunk(train_step, batch_size, steps_per_epoch, dp)
+    batch_sharding = dp.batch if dp is not None and dp.num_devices > 1 else None
 
     def one_step(state, images, perm, train_key):
-        offset = (state.step % steps_per_epoch) * batch_size
-        batch = images[jax.lax.dynamic_slice_in_dim(perm, offset, batch_size)]
+        batch = gather_batch(state.step, images, perm, batch_size, steps_per_epoch)
         if batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return train_step(state, batch, jax.random.fold_in(train_key, state.step))
@@ -199,6 +230,54 @@ def make_train_chunk(train_step, batch_size: int, steps_per_epoch: int,
         if vmap_seeds:
             run = jax.vmap(run, in_axes=(0, None, 0, 0))
         return run(state, images, perm, train_key)
+
+    return train_chunk
+
+
+def gather_batch(step: jax.Array, images: jax.Array, perm: jax.Array, batch_size: int,
+                 steps_per_epoch: int) -> jax.Array:
+    """The step's batch: its slice of the epoch's permutation of the resident images."""
+    offset = (step % steps_per_epoch) * batch_size
+    return images[jax.lax.dynamic_slice_in_dim(perm, offset, batch_size)]
+
+
+def make_host_reduce_chunk(train_step: TrainStep, batch_size: int, steps_per_epoch: int,
+                           dp: parallel.DataParallel):
+    """train_chunk as make_train_chunk's, with gradients summed across CPU devices
+    without XLA collectives (see fvae.parallel).
+
+    Each step, device i runs one program for part i of the batch (its gradients and
+    loss parts), the runtime copies every part's results to every device, and each
+    device averages them in the same order and applies the same update, so the
+    replicas stay bit-identical. Same signature, inputs and outputs (replicated
+    arrays) as the single-program chunk.
+    """
+    devices, n = dp.devices, dp.num_devices
+
+    @functools.partial(jax.jit, static_argnames="index")
+    def part_grads(state, images, perm, train_key, index: int):
+        batch = gather_batch(state.step, images, perm, batch_size, steps_per_epoch)
+        return train_step.grads(state.params, state.step, batch,
+                                jax.random.fold_in(train_key, state.step), (index, n))
+
+    @functools.partial(jax.jit, donate_argnums=0)  # as the one-program chunk donates it
+    def apply_mean(state, results):
+        grads, parts = jax.tree.map(lambda *xs: sum(xs) / n, *results)
+        return train_step.apply(state, grads, parts)
+
+    def train_chunk(state, images, perm, train_key, num_steps: int):
+        states = dp.local_copies(state)
+        inputs = list(zip(*(dp.local_copies(x) for x in (images, perm, train_key))))
+        total = None
+        for _ in range(num_steps):
+            results = [part_grads(states[i], *inputs[i], index=i) for i in range(n)]
+            stepped = [apply_mean(states[i], jax.device_put(results, device))
+                       for i, device in enumerate(devices)]
+            states = [s for s, _ in stepped]
+            metrics = [m for _, m in stepped]
+            total = metrics if total is None else [
+                jax.tree.map(jnp.add, t, m) for t, m in zip(total, metrics)]
+        return dp.from_local_copies(states), dp.from_local_copies(total)
 
     return train_chunk
 
@@ -276,10 +355,13 @@ def default_steps_per_dispatch(steps_per_epoch: int) -> int:
 
 
 def evaluate_losses(eval_step, params, images: np.ndarray, batch_size: int, key: jax.Array,
-             beta: float, dp: parallel.DataParallel | None = None) -> dict[str, float]:
+                    beta: float, dp: parallel.DataParallel | None = None) -> dict[str, float]:
     """Mean loss parts over all `images` with a jitted eval_step; the last batch is
-    padded and masked out. With `dp`, each batch is split across its devices."""
-    totals = None
+    padded and masked out. With `dp`, each batch is split across its devices (as
+    sharded arrays, or with dp.host_reduce one part per device, summed on the host)."""
+    host_parts = dp.num_devices if dp is not None and dp.host_reduce else 1
+    local_params = dp.local_copies(params) if host_parts > 1 else [params]
+    totals = [None] * len(local_params)  # per device part, summed on that device
     for i, start in enumerate(range(0, len(images), batch_size)):
         batch = images[start:start + batch_size]
         mask = np.ones(batch_size, np.float32)
@@ -287,12 +369,20 @@ def evaluate_losses(eval_step, params, images: np.ndarray, batch_size: int, key:
             mask[len(batch):] = 0.0
             batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
                                                     batch.dtype)])
-        if dp is not None:
+        if dp is not None and host_parts == 1:
             batch, mask = dp.shard_batch((batch, mask))
-        sums = eval_step(params, batch, mask, jax.random.fold_in(key, i), beta)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    count = float(totals.pop("count"))
-    return {name: float(value) / count for name, value in totals.items()}
+        rows = batch_size // host_parts
+        for part, part_params in enumerate(local_params):
+            inputs = batch[part * rows:(part + 1) * rows], mask[part * rows:(part + 1) * rows]
+            if host_parts > 1:
+                inputs = jax.device_put(inputs, dp.devices[part])
+            sums = eval_step(part_params, *inputs, jax.random.fold_in(key, i), beta,
+                             shard=(part, host_parts))
+            totals[part] = sums if totals[part] is None else \
+                jax.tree.map(jnp.add, totals[part], sums)
+    total = {name: sum(float(t[name]) for t in totals) for name in totals[0]}
+    count = total.pop("count")
+    return {name: value / count for name, value in total.items()}
 
 
 def check_finite(metrics: dict[str, float], step: int, params=None,
@@ -405,7 +495,8 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
         configs.validate(c)
     check_same_but_seed(run_configs)
     config = run_configs[0]
-    dp = parallel.make_data_parallel(config.train.num_devices)
+    dp = parallel.make_data_parallel(config.train.num_devices,
+                                     config.train.cross_device_reduce)
     configs.check_against_devices(config, dp.num_devices)
     vmapped = len(run_configs) > 1
     if vmapped and dp.num_devices > 1:  # the batch is already split over the devices
@@ -430,9 +521,8 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                                  skip_nonfinite=config.train.on_nonfinite == "skip",
                                  binarize_inputs=dynamic_binarization)
     train_chunk = make_train_chunk(train_step, config.train.batch_size,
-                                   schedule.steps_per_epoch,
-                                   dp.batch if dp.num_devices > 1 else None, vmap_seeds=vmapped)
-    eval_step = jax.jit(make_eval_step(model, config.loss))
+                                   schedule.steps_per_epoch, dp, vmap_seeds=vmapped)
+    eval_step = jax.jit(make_eval_step(model, config.loss), static_argnames="shard")
     per_dispatch = config.train.steps_per_dispatch or \
         default_steps_per_dispatch(schedule.steps_per_epoch)
 

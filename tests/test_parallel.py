@@ -21,42 +21,79 @@ sys.path.insert(0, sys.argv[3])
 from conftest import tiny_config
 from fvae import train
 config = tiny_config(sys.argv[2], **{"train.num_devices": int(sys.argv[1]),
+                                     "train.cross_device_reduce": sys.argv[5],
                                      "train.batch_size": 32, "train.eval_batch_size": 16,
+                                     "data.binarize": sys.argv[6],
                                      "checkpoint.enabled": False})
 state = train.train_and_evaluate(config, sys.argv[4])
-leaves = [x.tolist() for x in jax.tree.leaves(state.params)]
-print(json.dumps({"devices": jax.device_count(), "leaves": leaves}))
+replicas = [[s.data.tolist() for s in x.addressable_shards] for x in jax.tree.leaves(state.params)]
+print(json.dumps({"devices": jax.device_count(), "leaves": [r[0] for r in replicas],
+                  "replicas_identical": all(r == [r[0]] * len(r) for r in replicas)}))
 """
 
 
 XLA_CPU_HANG = "Termination timeout for `all reduce"  # the known XLA:CPU deadlock
 
 
-def run_on(devices: int, data_dir, workdir, attempts: int = 3) -> dict:
-    """Trains in a fresh process with `devices` CPU devices. jaxlib's multi-device CPU
-    all-reduce sometimes deadlocks and aborts (why train.cpu_devices defaults to 1, see
-    README); such a run is retried, and skipped if it never gets through."""
+def run_on(devices: int, data_dir, workdir, reduce: str = "auto", binarize: str = "none",
+           attempts: int = 3) -> dict:
+    """Trains in a fresh process with `devices` CPU devices. jaxlib's in-process CPU
+    all-reduce ('xla') sometimes deadlocks and aborts (why 'host' is the CPU default,
+    see fvae.parallel); such a run is retried, and skipped if it never gets through."""
     for _ in range(attempts):
         result = subprocess.run([sys.executable, "-c", SCRIPT, str(devices), str(data_dir),
-                                 str(TESTS), str(workdir)], capture_output=True, text=True,
-                                timeout=600)
+                                 str(TESTS), str(workdir), reduce, binarize],
+                                capture_output=True, text=True, timeout=600)
         if XLA_CPU_HANG not in result.stderr:
             assert result.returncode == 0, result.stderr[-3000:]
             return json.loads(result.stdout.strip().splitlines()[-1])
     pytest.skip(f"XLA:CPU's all-reduce deadlocked {attempts} times on {devices} devices")
 
 
-def test_several_cpu_devices_match_one(tiny_data_dir, tmp_path):
-    one = run_on(1, tiny_data_dir, tmp_path / "one")
-    for devices in (2, 4):
-        many = run_on(devices, tiny_data_dir, tmp_path / f"d{devices}")
-        assert many["devices"] == devices
-        for a, b in zip(one["leaves"], many["leaves"]):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
-    lines = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    lines4 = [json.loads(l) for l in (tmp_path / "d4" / "metrics.jsonl").read_text().splitlines()]
-    for a, b in zip(lines, lines4):
+def metric_lines(workdir) -> list[dict]:
+    return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one: dict, many: dict, one_dir, many_dir) -> None:
+    for a, b in zip(one["leaves"], many["leaves"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
+    lines, many_lines = metric_lines(one_dir), metric_lines(many_dir)
+    assert len(lines) == len(many_lines)
+    for a, b in zip(lines, many_lines):
+        assert (a["split"], a["step"]) == (b["split"], b["step"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tiny_data_dir, tmp_path_factory):
+    """The one-device reference runs, trained once per binarize mode for the module."""
+    runs = {}
+
+    def get(binarize: str = "none"):
+        if binarize not in runs:
+            workdir = tmp_path_factory.mktemp(f"one_{binarize}")
+            runs[binarize] = run_on(1, tiny_data_dir, workdir, binarize=binarize), workdir
+        return runs[binarize]
+
+    return get
+
+
+@pytest.mark.parametrize("reduce,device_counts", [("host", (2, 4)), ("xla", (2,))])
+def test_several_cpu_devices_match_one(one_device_run, tiny_data_dir, tmp_path, reduce,
+                                       device_counts):
+    one, one_dir = one_device_run()
+    for devices in device_counts:
+        many = run_on(devices, tiny_data_dir, tmp_path / f"d{devices}", reduce)
+        assert many["devices"] == devices and many["replicas_identical"]
+        assert_same_run(one, many, one_dir, tmp_path / f"d{devices}")
+
+
+def test_host_reduce_splits_binarization_and_noise_as_one_device(one_device_run,
+                                                                 tiny_data_dir, tmp_path):
+    """Each device's part of the batch gets its rows of the whole batch's random draws."""
+    one, one_dir = one_device_run("dynamic")
+    two = run_on(2, tiny_data_dir, tmp_path / "two", "host", binarize="dynamic")
+    assert_same_run(one, two, one_dir, tmp_path / "two")
 
 
 def test_batch_must_divide_across_devices():
