@@ -4,6 +4,7 @@
     python -m fvae.bench --models conv,keras --batch-sizes 64,128,256 --devices 1,2
     python -m fvae.bench --upsample subpixel,conv_transpose --reference torch,keras
     python -m fvae.bench --seeds 1,2 --devices 1          # vmapped seeds (fvae.sweep)
+    python -m fvae.bench --devices 2 --reduce host,xla    # how gradients cross devices
 
 Each configuration runs in its own subprocess (so the number of CPU devices can
 differ and peak memory is that configuration's own) on random uint8 images resident
@@ -93,7 +94,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     batch = spec["batch_size"]
     if jax.default_backend() != "cpu":  # --devices counts CPU devices; use the accelerators
         spec = {**spec, "devices": min(spec["devices"], jax.device_count())}
-    dp = parallel.make_data_parallel(spec["devices"])
+    dp = parallel.make_data_parallel(spec["devices"], spec.get("reduce", "auto"))
     model = models.build_model(config.model)
     seeds = spec.get("seeds", 1)
     vmapped = seeds > 1  # as train.train_seeds: one vmapped step for all the seeds
@@ -104,8 +105,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch = num_images // batch
     step_fn = train.make_train_step(model, config.loss, losses.make_beta_schedule(
         config.loss, steps_per_epoch, 10_000))
-    chunk = train.make_train_chunk(step_fn, batch, steps_per_epoch,
-                                   dp.batch if dp.num_devices > 1 else None, vmap_seeds=vmapped)
+    chunk = train.make_train_chunk(step_fn, batch, steps_per_epoch, dp, vmap_seeds=vmapped)
     images = dp.replicate(np.random.default_rng(0).integers(0, 256, (num_images, 28, 28),
                                                             dtype=np.uint8))
     perm = dp.replicate(train.stack_seeds(
@@ -130,7 +130,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - t
     images_per_sec = calls * per_call * batch * seeds / seconds  # all seeds' images
     flops = useful_macs_per_image(config.model) * TRAIN_FLOPS_PER_MAC
-    return {**spec, "framework": "jax", "backend": jax.default_backend(),
+    return {**spec, "reduce": "host" if dp.host_reduce else "xla" if dp.num_devices > 1 else "",
+            "framework": "jax", "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
             "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / (calls * per_call),
             "useful_mflop_per_image": flops / 1e6,
@@ -171,7 +172,8 @@ def format_table(rows: list[dict[str, Any]], peak: float) -> str:
             continue
         out.append(
             f"| {r['framework']} | {r['model']} | {r['latent_dim']} | {r['upsample']} | "
-            f"{r['batch_size']} | {r['devices']} | {r.get('seeds', 1)} | "
+            f"{r['batch_size']} | {r['devices']}{' ' + r['reduce'] if r.get('reduce') else ''} | "
+            f"{r.get('seeds', 1)} | "
             f"{r['images_per_sec']:.0f} | "
             f"{r['ms_per_step']:.1f} | {r.get('compile_s', float('nan')):.1f} | "
             f"{r['peak_memory_mb']:.0f} | {r['useful_gflops']:.1f} | "
@@ -186,6 +188,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", default="128")
     parser.add_argument("--devices", default="1,2", help="CPU devices (ignored on GPU)")
     parser.add_argument("--upsample", default="subpixel,conv_transpose")
+    parser.add_argument("--reduce", default="auto",
+                        help="gradient sum across devices: auto, host, xla (fvae.parallel)")
     parser.add_argument("--seeds", default="1",
                         help="runs trained together as one vmapped step (images/s counts all)")
     parser.add_argument("--steps", type=int, default=20)
@@ -220,10 +224,13 @@ def main(argv=None) -> None:
                     print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
                 for upsample in args.upsample.split(","):
                     for devices in map(int, args.devices.split(",")):
-                        for seeds in map(int, args.seeds.split(",")):
-                            rows.append(run_child({**base, "upsample": upsample,
-                                                   "devices": devices, "seeds": seeds}))
-                            print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
+                        for reduce in args.reduce.split(",") if devices > 1 else ["auto"]:
+                            for seeds in map(int, args.seeds.split(",")):
+                                rows.append(run_child({**base, "upsample": upsample,
+                                                       "devices": devices, "seeds": seeds,
+                                                       "reduce": reduce}))
+                                print(format_table(rows[-1:], peak).splitlines()[-1],
+                                      flush=True)
     table = format_table(rows, peak)
     print(f"\nmeasured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
     pathlib.Path(args.out).write_text(json.dumps(
