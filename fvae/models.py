@@ -205,12 +205,17 @@ def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array,
                    shard: Shard = (0, 1)) -> jax.Array:
     """z = mean + sigma * eps with eps ~ N(0, I) drawn from `key`; for part i of n of a
     batch (`shard`, i may be traced), eps is that part's rows of the whole batch's draw."""
+    eps = jax.random.normal(key, (shard[1] * mean.shape[0], *mean.shape[1:]), mean.dtype)
+    return mean + jnp.exp(0.5 * logvar) * take_shard(eps, shard)
+
+
+def take_shard(x: jax.Array, shard: Shard) -> jax.Array:
+    """Part i of n equal parts of x's leading axis, for `shard` = (i, n); i may be traced."""
     index, parts = shard
-    rows = mean.shape[0]
-    eps = jax.random.normal(key, (parts * rows, *mean.shape[1:]), mean.dtype)
-    if parts > 1:
-        eps = jax.lax.dynamic_slice_in_dim(eps, index * rows, rows)
-    return mean + jnp.exp(0.5 * logvar) * eps
+    if parts == 1:
+        return x
+    rows = x.shape[0] // parts
+    return jax.lax.dynamic_slice_in_dim(x, index * rows, rows)
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> VAE:

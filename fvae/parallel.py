@@ -105,7 +105,7 @@ def cpu_device_count(requested: int, batch_sizes: tuple[int, ...] = ()) -> int:
     one per core that every batch size divides evenly.
 
     XLA:CPU runs small convolutions on one core; splitting the batch over several
-    CPU devices uses the others (fvae.bench on 2 cores: about 1.3x the images/s of
+    CPU devices uses the others (fvae.bench on 2 cores: about 1.45x the images/s of
     one)."""
     if requested:
         return requested

@@ -136,11 +136,7 @@ def make_train_step(model: models.VAE, loss_config: ml_collections.ConfigDict,
         (`shard` = (i, n)); the mean of the n parts' results is the whole batch's."""
         if binarize_inputs:  # drawn for the whole batch, so every part sees its own rows
             batch = binarize.binarize(jax.random.fold_in(key, 1), batch)
-        index, parts = shard
-        if parts > 1:
-            rows = batch.shape[0] // parts
-            batch = jax.lax.dynamic_slice_in_dim(batch, index * rows, rows)
-        x = models.to_float(batch)
+        x = models.to_float(models.take_shard(batch, shard))
         beta = beta_schedule(step)
 
         def loss_fn(params):
@@ -371,13 +367,14 @@ def evaluate_losses(eval_step, params, images: np.ndarray, batch_size: int, key:
             mask[len(batch):] = 0.0
             batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
                                                     batch.dtype)])
-        if dp is not None and host_parts == 1:
-            batch, mask = dp.shard_batch((batch, mask))
-        rows = batch_size // host_parts
-        for part, part_params in enumerate(local_params):
-            inputs = batch[part * rows:(part + 1) * rows], mask[part * rows:(part + 1) * rows]
-            if host_parts > 1:
-                inputs = jax.device_put(inputs, dp.devices[part])
+        if host_parts > 1:  # one part per device, sliced on the host
+            rows = batch_size // host_parts
+            parts = [jax.device_put((batch[p * rows:(p + 1) * rows],
+                                     mask[p * rows:(p + 1) * rows]), device)
+                     for p, device in enumerate(dp.devices)]
+        else:
+            parts = [(batch, mask) if dp is None else dp.shard_batch((batch, mask))]
+        for part, (part_params, inputs) in enumerate(zip(local_params, parts)):
             sums = eval_step(part_params, *inputs, jax.random.fold_in(key, i), beta,
                              shard=(part, host_parts))
             totals[part] = sums if totals[part] is None else \
