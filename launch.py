@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fvae import configs, evaluate, logs, parallel, plots, train
+from fvae import configs, evaluate, logs, plots, runtime, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -30,7 +30,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logs.show_own_info(__file__)
     config = configs.validate(FLAGS.config)
-    parallel.setup_runtime(config)  # before any JAX computation
+    runtime.setup_runtime(config)  # before any JAX computation
     if FLAGS.mode == "train":
         try:
             train.train_and_evaluate(config, FLAGS.workdir)

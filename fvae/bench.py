@@ -5,6 +5,7 @@
     python -m fvae.bench --upsample subpixel,conv_transpose --reference torch,keras
     python -m fvae.bench --seeds 1,2 --devices 1          # vmapped seeds (fvae.sweep)
     python -m fvae.bench --devices 2 --reduce host,xla    # how gradients cross devices
+    python -m fvae.bench --cpu-convolutions eigen,xla_default  # XLA:CPU's conv kernels
 
 Each configuration runs in its own subprocess (so the number of CPU devices can
 differ and peak memory is that configuration's own) on random uint8 images resident
@@ -82,6 +83,8 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Times the training step for one spec (runs in a fresh process)."""
+    from fvae import runtime
+    runtime.configure_cpu_convolutions(spec.get("cpu_convolutions", "eigen"))
     import jax
     jax.config.update("jax_num_cpu_devices", spec["devices"])
     import numpy as np
@@ -155,29 +158,39 @@ REFERENCE_MODULES = {"keras": "benchmarks.keras_reference",
 
 def reference_spec(framework: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "framework": framework, "upsample": "conv_transpose", "devices": 1,
-            "seeds": 1}
+            "seeds": 1, "cpu_convolutions": ""}
+
+
+def jax_specs(base: dict[str, Any], args) -> list[dict[str, Any]]:
+    """The fvae configurations to time for one model and batch size: every combination
+    of the command line's axes (--reduce only where there are several devices)."""
+    specs = []
+    for upsample in args.upsample.split(","):
+        for convs in args.cpu_convolutions.split(","):
+            for devices in map(int, args.devices.split(",")):
+                for reduce in args.reduce.split(",") if devices > 1 else ["auto"]:
+                    for seeds in map(int, args.seeds.split(",")):
+                        specs.append({**base, "upsample": upsample, "cpu_convolutions": convs,
+                                      "devices": devices, "seeds": seeds, "reduce": reduce})
+    return specs
 
 
 def format_table(rows: list[dict[str, Any]], peak: float) -> str:
-    head = ("| framework | model | latent | upsample | batch | devices | seeds | images/s "
-            "| ms/step | compile s | peak MB | useful GFLOP/s | % of matmul peak |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| framework | model | latent | upsample | CPU convs | batch | devices | seeds "
+            "| images/s | ms/step | compile s | peak MB | useful GFLOP/s | % of matmul peak |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
+        devices = f"{r['devices']}{' ' + r['reduce'] if r.get('reduce') else ''}"
+        first = (f"| {r.get('framework', 'jax')} | {r['model']} | {r['latent_dim']} | "
+                 f"{r['upsample']} | {r.get('cpu_convolutions', '')} | {r['batch_size']} | "
+                 f"{devices} | {r.get('seeds', 1)} | ")
         if "error" in r:
-            out.append(f"| {r.get('framework', 'jax')} | {r['model']} | {r['latent_dim']} | "
-                       f"{r['upsample']} | {r['batch_size']} | {r['devices']} | "
-                       f"{r.get('seeds', 1)} | error: "
-                       f"{r['error'][0][:60]} |||||||")
+            out.append(f"{first}error: {r['error'][0][:60]} |" + "|" * 5)
             continue
-        out.append(
-            f"| {r['framework']} | {r['model']} | {r['latent_dim']} | {r['upsample']} | "
-            f"{r['batch_size']} | {r['devices']}{' ' + r['reduce'] if r.get('reduce') else ''} | "
-            f"{r.get('seeds', 1)} | "
-            f"{r['images_per_sec']:.0f} | "
-            f"{r['ms_per_step']:.1f} | {r.get('compile_s', float('nan')):.1f} | "
-            f"{r['peak_memory_mb']:.0f} | {r['useful_gflops']:.1f} | "
-            f"{100 * r['useful_gflops'] / peak:.1f} |")
+        out.append(f"{first}{r['images_per_sec']:.0f} | {r['ms_per_step']:.1f} | "
+                   f"{r.get('compile_s', float('nan')):.1f} | {r['peak_memory_mb']:.0f} | "
+                   f"{r['useful_gflops']:.1f} | {100 * r['useful_gflops'] / peak:.1f} |")
     return "\n".join(out)
 
 
@@ -190,6 +203,8 @@ def main(argv=None) -> None:
     parser.add_argument("--upsample", default="subpixel,conv_transpose")
     parser.add_argument("--reduce", default="auto",
                         help="gradient sum across devices: auto, host, xla (fvae.parallel)")
+    parser.add_argument("--cpu-convolutions", default="eigen",
+                        help="XLA:CPU convolution kernels: eigen, xla_default (fvae.runtime)")
     parser.add_argument("--seeds", default="1",
                         help="runs trained together as one vmapped step (images/s counts all)")
     parser.add_argument("--steps", type=int, default=20)
@@ -222,15 +237,9 @@ def main(argv=None) -> None:
                     rows.append(run_child(reference_spec(framework, base),
                                           REFERENCE_MODULES[framework]))
                     print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
-                for upsample in args.upsample.split(","):
-                    for devices in map(int, args.devices.split(",")):
-                        for reduce in args.reduce.split(",") if devices > 1 else ["auto"]:
-                            for seeds in map(int, args.seeds.split(",")):
-                                rows.append(run_child({**base, "upsample": upsample,
-                                                       "devices": devices, "seeds": seeds,
-                                                       "reduce": reduce}))
-                                print(format_table(rows[-1:], peak).splitlines()[-1],
-                                      flush=True)
+                for spec in jax_specs(base, args):
+                    rows.append(run_child(spec))
+                    print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
     table = format_table(rows, peak)
     print(f"\nmeasured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
     pathlib.Path(args.out).write_text(json.dumps(

@@ -25,6 +25,7 @@ LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
 DATA_SOURCES = ("idx", "tfds")
 BINARIZE_MODES = ("none", "dynamic")
 CROSS_DEVICE_REDUCES = ("auto", "host", "xla")  # see fvae.parallel
+CPU_CONVOLUTIONS = ("eigen", "xla_default")  # see fvae.runtime
 
 
 class ConfigError(ValueError):
@@ -97,8 +98,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 1000
     c.train.steps_per_dispatch = 0  # steps per compiled call; 0: per-platform default
     c.train.num_devices = 0  # devices to split each batch over; 0: all
-    c.train.cpu_devices = 0  # CPU devices to ask XLA for; 0: up to one per core that the
-    # batch sizes divide
+    c.train.cpu_devices = 1  # CPU devices to ask XLA for; 0: up to one per core that the
+    # batch sizes divide (one device uses every core with Eigen convolutions)
+    c.train.cpu_convolutions = "eigen"  # XLA:CPU's convolution kernels: 'eigen' (multi-
+    # threaded) or 'xla_default' (YNNPACK on jaxlib 0.10); see fvae.runtime
     c.train.cross_device_reduce = "auto"  # gradient sum across devices: 'host' (the CPU
     # runtime copies them), 'xla' (an all-reduce), 'auto': host on CPU in one process
     c.train.log_every_steps = 50  # progress-bar refresh
@@ -294,6 +297,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_min(config, "train.num_figure_images", 1, integer=True)
     _check_in(config, "train.on_nonfinite", ("stop", "skip"))
     _check_in(config, "train.cross_device_reduce", CROSS_DEVICE_REDUCES)
+    _check_in(config, "train.cpu_convolutions", CPU_CONVOLUTIONS)
     _check_min(config, "train.epoch_metrics_images", 0, integer=True)
     _check_min(config, "checkpoint.every_steps", 0, integer=True)
     _check_min(config, "checkpoint.keep", 1, integer=True)

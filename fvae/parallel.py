@@ -7,15 +7,14 @@ batch is split differently). How the gradients are summed across devices:
 
 - 'xla' (accelerators, several processes): the batch is sharded along 'data' and XLA
   inserts the gradient all-reduce.
-- 'host' (several CPU devices in one process, the default there): each device computes
+- 'host' (several CPU devices in one process, the default there; see
+  train.cpu_devices): each device computes
   its part's gradients in its own program, the runtime copies them across and every
   device applies the same summed update. No XLA collective runs, because jaxlib
   0.10.2's in-process CPU all-reduce sometimes deadlocks (and aborts after 40 s) with
   as many CPU devices as cores.
 
-Multi-host: `initialize_distributed()` calls `jax.distributed.initialize()` when the
-environment asks for it (JAX_COORDINATOR_ADDRESS, or a SLURM/Open MPI job of more
-than one task, or FVAE_DISTRIBUTED=1 on a TPU pod or GKE). Every process holds the
+Multi-host (started by `fvae.runtime.initialize_distributed`): every process holds the
 whole training set and draws the same permutation; each process's devices compute
 only their own shard of every batch, so the data is sharded by process.
 """
@@ -23,9 +22,6 @@ only their own shard of every batch, so the data is sharded by process.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
-import os
 
 import jax
 import numpy as np
@@ -98,49 +94,3 @@ def make_data_parallel(num_devices: int = 0, reduce: str = "auto") -> DataParall
     host = reduce == "host" or (reduce == "auto" and jax.default_backend() == "cpu"
                                 and jax.process_count() == 1)
     return DataParallel(Mesh(np.asarray(devices), ("data",)), host and len(devices) > 1)
-
-
-def cpu_device_count(requested: int, batch_sizes: tuple[int, ...] = ()) -> int:
-    """CPU devices to ask XLA for: `requested`, or, when it is 0, the most devices up to
-    one per core that every batch size divides evenly.
-
-    XLA:CPU runs small convolutions on one core; splitting the batch over several
-    CPU devices uses the others (fvae.bench on 2 cores: about 1.45x the images/s of
-    one)."""
-    if requested:
-        return requested
-    divisor = math.gcd(*batch_sizes) if batch_sizes else 1
-    most = max(1, os.cpu_count() or 1)
-    return max(d for d in range(1, most + 1) if divisor % d == 0)
-
-
-def configure_cpu_devices(requested: int, batch_sizes: tuple[int, ...] = ()) -> None:
-    """Asks for several CPU devices; must run before JAX starts its backends."""
-    try:
-        jax.config.update("jax_num_cpu_devices", cpu_device_count(requested, batch_sizes))
-    except RuntimeError as e:  # backends already started (e.g. inside a notebook)
-        logging.warning("could not set the number of CPU devices (%s); using %d", e,
-                        jax.local_device_count())
-
-
-def setup_runtime(config) -> None:
-    """What every entry point does before any JAX computation: multi-host start-up and
-    the number of CPU devices (chosen so the config's batch sizes split evenly)."""
-    initialize_distributed()
-    configure_cpu_devices(config.train.cpu_devices,
-                          (config.train.batch_size, config.train.eval_batch_size))
-
-
-def initialize_distributed() -> bool:
-    """Starts multi-host JAX when the environment describes a multi-process job."""
-    env = os.environ
-    wanted = (env.get("JAX_COORDINATOR_ADDRESS") or env.get("FVAE_DISTRIBUTED") == "1"
-              or int(env.get("SLURM_NTASKS", "1")) > 1
-              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-    if not wanted:
-        return False
-    jax.distributed.initialize()
-    logging.info("multi-host JAX: process %d of %d, %d local of %d devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
-    return True

@@ -300,11 +300,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags.mark_flags_as_required(["config", "sweep_dir"])
 
     def run(_):
-        from fvae import logs, parallel
+        from fvae import logs, runtime
         logs.show_own_info()
         sweep_config = flags.FLAGS.config
         first = point_config(sweep_config, grid(sweep_config)[0], sweep_config.seeds[0])
-        parallel.setup_runtime(first)  # as launch.py does, before any JAX computation
+        runtime.setup_runtime(first)  # as launch.py does, before any JAX computation
         run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)
         print((pathlib.Path(flags.FLAGS.sweep_dir) / "results.md").read_text())
         # (returning anything else would become the exit status)

@@ -6,7 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from fvae import configs, data
+from fvae import configs, data, runtime
+
+# As launch.py does before any JAX computation, so that in-process runs compute exactly
+# what launch.py subprocesses do (some tests compare the two bit for bit).
+runtime.configure_cpu_convolutions(configs.get_base_config().train.cpu_convolutions)
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

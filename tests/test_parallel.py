@@ -114,12 +114,3 @@ def test_mesh_shards_the_batch_and_replicates_the_rest():
     x = dp.shard_batch(np.zeros((4 * dp.num_devices, 3)))
     assert x.sharding.spec == jax.sharding.PartitionSpec("data")
     assert dp.replicate(np.zeros(3)).sharding.is_fully_replicated
-
-
-@pytest.mark.parametrize("cores,batches,expected", [
-    (2, (128, 1000), 2), (4, (128, 1000), 4), (12, (128, 1000), 8), (12, (96, 96), 12),
-    (6, (128, 1000), 4), (64, (128, 1000), 8), (1, (128,), 1), (2, (33,), 1)])
-def test_default_cpu_devices_divide_the_batches(monkeypatch, cores, batches, expected):
-    monkeypatch.setattr(parallel.os, "cpu_count", lambda: cores)
-    assert parallel.cpu_device_count(0, batches) == expected
-    assert parallel.cpu_device_count(3, batches) == 3  # an explicit request is kept

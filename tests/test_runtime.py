@@ -1,0 +1,95 @@
+"""Process start-up: XLA:CPU's convolution kernels and the number of CPU devices."""
+
+import os
+import subprocess
+import sys
+
+import jaxlib
+import pytest
+
+from fvae import configs, runtime
+
+MEASURED = jaxlib.version.__version__.startswith(runtime.EIGEN_CONVOLUTIONS_JAXLIB)
+
+# Compiles one convolution after the start-up step and prints its optimised HLO.
+SCRIPT = """
+import sys
+from fvae import runtime
+print(runtime.configure_cpu_convolutions(sys.argv[1]))
+import jax, jax.numpy as jnp
+conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+print(conv.lower(jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text())
+"""
+
+
+def compiled_conv(choice: str, xla_flags: str | None = None) -> tuple[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    result = subprocess.run([sys.executable, "-c", SCRIPT, choice], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    applied, hlo = result.stdout.split("\n", 1)
+    return applied, hlo
+
+
+def entry(hlo: str) -> str:
+    return hlo[hlo.index("ENTRY"):]
+
+
+@pytest.mark.skipif(not MEASURED, reason="the flag is only set on the jaxlib it was measured on")
+def test_eigen_takes_convolutions_away_from_ynnpack():
+    applied, hlo = compiled_conv("eigen")
+    assert applied == "True"
+    assert "convolution(" in entry(hlo) and "__ynn_fusion" not in hlo
+    applied, hlo = compiled_conv("xla_default")  # jaxlib 0.10's own choice: YNNPACK
+    assert applied == "False"
+    assert "__ynn_fusion" in entry(hlo) and "convolution(" not in entry(hlo)
+
+
+def test_xla_flags_of_the_user_win():
+    applied, hlo = compiled_conv("eigen", f"{runtime.YNN_FUSION_FLAG}=")
+    assert applied == "False"
+    assert "convolution(" in entry(hlo)  # the user's empty list: no YNNPACK at all
+
+
+def test_the_test_process_uses_the_default_kernels():
+    """conftest applies the default before JAX starts, as launch.py does (tests compare
+    in-process runs with launch.py subprocesses bit for bit)."""
+    assert configs.get_base_config().train.cpu_convolutions == "eigen"
+    if MEASURED:  # added by conftest, or the user's own choice of the flag
+        assert runtime.YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", "")
+
+
+def test_after_jax_started_it_warns_and_changes_nothing(monkeypatch, caplog):
+    monkeypatch.setattr(runtime, "backends_started", lambda: True)
+    monkeypatch.setattr(runtime, "EIGEN_CONVOLUTIONS_JAXLIB", (jaxlib.version.__version__,))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert not runtime.configure_cpu_convolutions("eigen")
+    assert "XLA_FLAGS" not in os.environ
+    assert "setup_runtime first" in caplog.text
+
+
+def test_other_jaxlib_versions_keep_xla_defaults(monkeypatch):
+    monkeypatch.setattr(runtime, "EIGEN_CONVOLUTIONS_JAXLIB", ("0.0.",))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert not runtime.configure_cpu_convolutions("eigen")
+    assert "XLA_FLAGS" not in os.environ
+
+
+def test_bad_choice_is_a_config_error():
+    config = configs.get_base_config()
+    config.train.cpu_convolutions = "mkl"
+    with pytest.raises(ValueError, match="train.cpu_convolutions"):
+        configs.validate(config)
+
+
+@pytest.mark.parametrize("cores,batches,expected", [
+    (2, (128, 1000), 2), (4, (128, 1000), 4), (12, (128, 1000), 8), (12, (96, 96), 12),
+    (6, (128, 1000), 4), (64, (128, 1000), 8), (1, (128,), 1), (2, (33,), 1)])
+def test_cpu_devices_0_means_one_per_core_that_divides_the_batches(monkeypatch, cores,
+                                                                    batches, expected):
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: cores)
+    assert runtime.cpu_device_count(0, batches) == expected
+    assert runtime.cpu_device_count(3, batches) == 3  # an explicit request is kept
