@@ -28,8 +28,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logs.show_own_info(__file__)
     config = configs.validate(FLAGS.config)
+    runtime.restart_with_huge_pages(config)  # first: it starts this process over
+    logs.show_own_info(__file__)
     runtime.setup_runtime(config)  # before any JAX computation
     if FLAGS.mode == "train":
         try:

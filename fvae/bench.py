@@ -6,6 +6,7 @@
     python -m fvae.bench --seeds 1,2 --devices 1          # vmapped seeds (fvae.sweep)
     python -m fvae.bench --devices 2 --reduce host,xla    # how gradients cross devices
     python -m fvae.bench --cpu-convolutions eigen,xla_default  # XLA:CPU's conv kernels
+    python -m fvae.bench --huge-pages true,false          # train.huge_pages (Linux)
 
 Each configuration runs in its own subprocess (so the number of CPU devices can
 differ and peak memory is that configuration's own) on random uint8 images resident
@@ -19,6 +20,7 @@ one invocation.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -83,15 +85,16 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Times the training step for one spec (runs in a fresh process)."""
-    from fvae import runtime
-    runtime.configure_cpu_convolutions(spec.get("cpu_convolutions", "eigen"))
+    from fvae import configs, runtime
+
+    config = configs.get_base_config()
+    runtime.configure_cpu_convolutions(spec.get("cpu_convolutions", "eigen"))  # as launch.py
     import jax
     jax.config.update("jax_num_cpu_devices", spec["devices"])
     import numpy as np
 
-    from fvae import configs, losses, models, parallel, train
+    from fvae import losses, models, parallel, train
 
-    config = configs.get_base_config()
     config.model.name, config.model.latent_dim = spec["model"], spec["latent_dim"]
     config.model.upsample = spec["upsample"]
     batch = spec["batch_size"]
@@ -126,11 +129,13 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         state, _ = chunk(state, images, perm, key, num_steps=per_call)
     jax.block_until_ready(state)
     calls = max(1, spec["steps"] // per_call)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     for _ in range(calls):
         state, _ = chunk(state, images, perm, key, num_steps=per_call)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     images_per_sec = calls * per_call * batch * seeds / seconds  # all seeds' images
     flops = useful_macs_per_image(config.model) * TRAIN_FLOPS_PER_MAC
     return {**spec, "reduce": "host" if dp.host_reduce else "xla" if dp.num_devices > 1 else "",
@@ -138,13 +143,19 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
             "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / (calls * per_call),
             "useful_mflop_per_image": flops / 1e6,
-            "useful_gflops": images_per_sec * flops / 1e9, "peak_memory_mb": peak_memory_mb()}
+            "useful_gflops": images_per_sec * flops / 1e9, "peak_memory_mb": peak_memory_mb(),
+            "page_faults_per_step": faults / (calls * per_call)}
 
 
 def run_child(spec: dict[str, Any], module: str = "fvae.bench") -> dict[str, Any]:
+    """Runs one spec in a fresh process: with huge pages or not as the spec says (as
+    launch.py would restart itself), references in this process's environment."""
+    from fvae import runtime
     cmd = [sys.executable, "-m", module, "--child", json.dumps(spec)]
-    result = subprocess.run(cmd, capture_output=True, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if spec.get("huge_pages") is not None:
+        env = runtime.with_huge_pages(env, spec["huge_pages"])
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
     if result.returncode or not lines:
         return {**spec, "error": result.stderr.strip().splitlines()[-1:] or ["no output"]}
@@ -158,7 +169,7 @@ REFERENCE_MODULES = {"keras": "benchmarks.keras_reference",
 
 def reference_spec(framework: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "framework": framework, "upsample": "conv_transpose", "devices": 1,
-            "seeds": 1, "cpu_convolutions": ""}
+            "seeds": 1, "cpu_convolutions": "", "huge_pages": None}
 
 
 def jax_specs(base: dict[str, Any], args) -> list[dict[str, Any]]:
@@ -166,24 +177,30 @@ def jax_specs(base: dict[str, Any], args) -> list[dict[str, Any]]:
     of the command line's axes (--reduce only where there are several devices)."""
     specs = []
     for upsample in args.upsample.split(","):
-        for convs in args.cpu_convolutions.split(","):
+        for convs, huge in itertools.product(args.cpu_convolutions.split(","),
+                                              args.huge_pages.split(",")):
             for devices in map(int, args.devices.split(",")):
                 for reduce in args.reduce.split(",") if devices > 1 else ["auto"]:
                     for seeds in map(int, args.seeds.split(",")):
                         specs.append({**base, "upsample": upsample, "cpu_convolutions": convs,
+                                      "huge_pages": huge.lower() == "true",
                                       "devices": devices, "seeds": seeds, "reduce": reduce})
     return specs
 
 
+YES_NO = {True: "yes", False: "no"}
+
+
 def format_table(rows: list[dict[str, Any]], peak: float) -> str:
-    head = ("| framework | model | latent | upsample | CPU convs | batch | devices | seeds "
+    head = ("| framework | model | latent | upsample | CPU convs | huge pages | batch | devices | seeds "
             "| images/s | ms/step | compile s | peak MB | useful GFLOP/s | % of matmul peak |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
         devices = f"{r['devices']}{' ' + r['reduce'] if r.get('reduce') else ''}"
         first = (f"| {r.get('framework', 'jax')} | {r['model']} | {r['latent_dim']} | "
-                 f"{r['upsample']} | {r.get('cpu_convolutions', '')} | {r['batch_size']} | "
+                 f"{r['upsample']} | {r.get('cpu_convolutions', '')} | "
+                 f"{YES_NO.get(r.get('huge_pages'), '')} | {r['batch_size']} | "
                  f"{devices} | {r.get('seeds', 1)} | ")
         if "error" in r:
             out.append(f"{first}error: {r['error'][0][:60]} |" + "|" * 5)
@@ -205,6 +222,9 @@ def main(argv=None) -> None:
                         help="gradient sum across devices: auto, host, xla (fvae.parallel)")
     parser.add_argument("--cpu-convolutions", default="eigen",
                         help="XLA:CPU convolution kernels: eigen, xla_default (fvae.runtime)")
+    parser.add_argument("--huge-pages", default="true",
+                        help="true, false: train.huge_pages, glibc's malloc asking for "
+                             "transparent huge pages (fvae.runtime)")
     parser.add_argument("--seeds", default="1",
                         help="runs trained together as one vmapped step (images/s counts all)")
     parser.add_argument("--steps", type=int, default=20)

@@ -102,6 +102,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # batch sizes divide (one device uses every core with Eigen convolutions)
     c.train.cpu_convolutions = "eigen"  # XLA:CPU's convolution kernels: 'eigen' (multi-
     # threaded) or 'xla_default' (YNNPACK on jaxlib 0.10); see fvae.runtime
+    c.train.huge_pages = True  # glibc's malloc asks for transparent huge pages (Linux;
+    # launch.py restarts itself once to set it); see fvae.runtime
     c.train.cross_device_reduce = "auto"  # gradient sum across devices: 'host' (the CPU
     # runtime copies them), 'xla' (an all-reduce), 'auto': host on CPU in one process
     c.train.log_every_steps = 50  # progress-bar refresh

@@ -301,9 +301,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def run(_):
         from fvae import logs, runtime
-        logs.show_own_info()
         sweep_config = flags.FLAGS.config
         first = point_config(sweep_config, grid(sweep_config)[0], sweep_config.seeds[0])
+        runtime.restart_with_huge_pages(first)  # first: it starts this process over
+        logs.show_own_info()
         runtime.setup_runtime(first)  # as launch.py does, before any JAX computation
         run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)
         print((pathlib.Path(flags.FLAGS.sweep_dir) / "results.md").read_text())

@@ -93,3 +93,56 @@ def test_cpu_devices_0_means_one_per_core_that_divides_the_batches(monkeypatch, 
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: cores)
     assert runtime.cpu_device_count(0, batches) == expected
     assert runtime.cpu_device_count(3, batches) == 3  # an explicit request is kept
+
+
+@pytest.fixture
+def huge_pages_would_help(monkeypatch):
+    """A Linux machine where the restart helps: glibc 2.36, THP in 'madvise' mode."""
+    monkeypatch.setattr(runtime, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(runtime, "transparent_huge_pages_mode", lambda: "madvise")
+    monkeypatch.delenv(runtime.RESTARTED, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
+
+
+def test_huge_pages_restart_adds_the_tunable_to_the_users(huge_pages_would_help):
+    env = runtime.huge_pages_restart_env(configs.get_base_config())
+    assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + runtime.HUGE_PAGES_TUNABLE
+    assert env[runtime.RESTARTED] == "1" and env["PATH"] == os.environ["PATH"]
+    assert runtime.with_huge_pages(env, False)["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0"
+    assert "GLIBC_TUNABLES" not in runtime.with_huge_pages(
+        {"GLIBC_TUNABLES": runtime.HUGE_PAGES_TUNABLE}, False)
+
+
+@pytest.mark.parametrize("case", ["config off", "restarted", "asked already", "old glibc",
+                                  "not glibc", "thp always", "thp never"])
+def test_no_restart_where_it_cannot_help(huge_pages_would_help, monkeypatch, case):
+    config = configs.get_base_config()
+    if case == "config off":
+        config.train.huge_pages = False
+    elif case == "restarted":
+        monkeypatch.setenv(runtime.RESTARTED, "1")
+    elif case == "asked already":
+        monkeypatch.setenv("GLIBC_TUNABLES", runtime.HUGE_PAGES_TUNABLE)
+    elif case in ("old glibc", "not glibc"):
+        monkeypatch.setattr(runtime, "glibc_version", lambda: (2, 31) if case == "old glibc"
+                            else ())
+    else:
+        monkeypatch.setattr(runtime, "transparent_huge_pages_mode", lambda: case[4:])
+    assert runtime.huge_pages_restart_env(config) is None
+    monkeypatch.setattr(runtime.os, "execve", lambda *a: pytest.fail("restarted"))
+    runtime.restart_with_huge_pages(config)
+
+
+def test_restart_runs_the_same_command_again(huge_pages_would_help, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(runtime.sys, "orig_argv", ["python3", "launch.py", "--config", "x"])
+    runtime.restart_with_huge_pages(configs.get_base_config())
+    (path, argv, env), = calls
+    assert path == sys.executable and argv == [sys.executable, "launch.py", "--config", "x"]
+    assert runtime.HUGE_PAGES_TUNABLE in env["GLIBC_TUNABLES"]
+
+
+def test_machine_readings_parse():
+    assert runtime.transparent_huge_pages_mode() in ("always", "madvise", "never")
+    assert runtime.glibc_version() == () or len(runtime.glibc_version()) == 2
