@@ -10,7 +10,7 @@ CPU convolutions (`train.cpu_convolutions`): jaxlib 0.10 hands convolutions to
 YNNPACK, which runs this model's 32- and 64-channel convolutions on one core. With
 'eigen' fvae asks XLA to keep YNNPACK for dots and elementwise fusions only, so the
 convolutions run on XLA's own multi-threaded (Eigen) kernels: on a 2-core CPU the
-study's model trains about 1.8x faster on one device (fvae.bench, README
+study's model trains about 1.6x faster on one device (fvae.bench, README
 "Performance"). The flag is experimental in XLA, so it is set only on the jaxlib
 versions it was measured on and only if XLA_FLAGS does not choose already.
 
@@ -18,7 +18,7 @@ Huge pages (`train.huge_pages`, Linux with glibc 2.35+ and transparent huge page
 'madvise' mode): XLA:CPU allocates every step's activations afresh, and with 4 KiB
 pages each step page-faults about 46,000 times (the study's model, batch 128). With
 glibc's malloc asking for transparent huge pages that is a few hundred, and training
-is about 1.25x faster in no more memory (fvae.bench). glibc reads the setting only at
+is about 1.3x faster in less memory (fvae.bench). glibc reads the setting only at
 start-up, so `restart_with_huge_pages` restarts the entry point once (os.execve: same
 process id, arguments and environment plus GLIBC_TUNABLES) before anything else runs.
 """
@@ -141,7 +141,7 @@ def cpu_device_count(requested: int, batch_sizes: tuple[int, ...] = ()) -> int:
 
     With Eigen convolutions one device already uses every core, and on 2 cores it was
     as fast as two (the default is 1); with YNNPACK's one-core convolutions several
-    devices are what use the other cores (fvae.bench: about 1.45x the images/s)."""
+    devices are what use the other cores (fvae.bench, 2 cores: about 1.35x)."""
     if requested:
         return requested
     divisor = math.gcd(*batch_sizes) if batch_sizes else 1
