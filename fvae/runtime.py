@@ -97,8 +97,10 @@ def transparent_huge_pages_mode() -> str:
 
 def glibc_version() -> tuple[int, ...]:
     """(major, minor) of the C library if it is glibc, else ()."""
-    name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr")
-                        and "CS_GNU_LIBC_VERSION" in os.confstr_names else "").partition(" ")
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows) or not glibc
+        return ()
     return tuple(int(p) for p in version.split(".")[:2]) if name == "glibc" else ()
 
 
