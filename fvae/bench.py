@@ -183,7 +183,7 @@ def jax_specs(base: dict[str, Any], args) -> list[dict[str, Any]]:
                 for reduce in args.reduce.split(",") if devices > 1 else ["auto"]:
                     for seeds in map(int, args.seeds.split(",")):
                         specs.append({**base, "upsample": upsample, "cpu_convolutions": convs,
-                                      "huge_pages": huge.lower() == "true",
+                                      "huge_pages": {"true": True, "false": False}[huge],
                                       "devices": devices, "seeds": seeds, "reduce": reduce})
     return specs
 
@@ -192,8 +192,9 @@ YES_NO = {True: "yes", False: "no"}
 
 
 def format_table(rows: list[dict[str, Any]], peak: float) -> str:
-    head = ("| framework | model | latent | upsample | CPU convs | huge pages | batch | devices | seeds "
-            "| images/s | ms/step | compile s | peak MB | useful GFLOP/s | % of matmul peak |\n"
+    head = ("| framework | model | latent | upsample | CPU convs | huge pages | batch | devices "
+            "| seeds | images/s | ms/step | compile s | peak MB | useful GFLOP/s "
+            "| % of matmul peak |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
@@ -236,6 +237,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not set(args.huge_pages.split(",")) <= {"true", "false"}:
+        parser.error(f"--huge-pages={args.huge_pages}: use true, false or true,false")
     if args.child:
         print(json.dumps(run_one(json.loads(args.child))))
         return
