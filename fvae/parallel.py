@@ -7,12 +7,11 @@ batch is split differently). How the gradients are summed across devices:
 
 - 'xla' (accelerators, several processes): the batch is sharded along 'data' and XLA
   inserts the gradient all-reduce.
-- 'host' (several CPU devices in one process, the default there; see
-  train.cpu_devices): each device computes
-  its part's gradients in its own program, the runtime copies them across and every
-  device applies the same summed update. No XLA collective runs, because jaxlib
-  0.10.2's in-process CPU all-reduce sometimes deadlocks (and aborts after 40 s) with
-  as many CPU devices as cores.
+- 'host' (the default for several CPU devices in one process, see
+  train.cpu_devices): each device computes its part's gradients in its own program,
+  the runtime copies them across and every device applies the same summed update. No
+  XLA collective runs, because jaxlib 0.10.2's in-process CPU all-reduce sometimes
+  deadlocks (and aborts after 40 s) with as many CPU devices as cores.
 
 Multi-host (started by `fvae.runtime.initialize_distributed`): every process holds the
 whole training set and draws the same permutation; each process's devices compute
