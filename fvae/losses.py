@@ -169,19 +169,31 @@ def discretized_logistic_mean(loc: jax.Array, log_scale: jax.Array) -> jax.Array
 
 
 # ---------------------------------------------------------------- dispatch
+def pixels_last(a: jax.Array) -> jax.Array:
+    """[B, ...] -> [B, pixels]. The per-pixel math runs on this layout: XLA:CPU's fused
+    elementwise kernels vectorise along the last axis, and with a trailing channel axis
+    of 1 (NHWC with one channel) a softplus ran over 10x slower."""
+    return a.reshape(a.shape[0], -1)
+
+
+def location(out: jax.Array) -> jax.Array:
+    """Channel 0 of a decoder output [B, 28, 28, C] (logits or location), [B, 784]."""
+    return pixels_last(out[..., 0])
+
+
 def split_scale(out: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(location, log-scale) channels of a decoder output [B, 28, 28, 2]."""
+    """(location, log-scale) channels of a decoder output [B, 28, 28, 2], each [B, 784]."""
     if out.shape[-1] != 2:
         raise ValueError(f"this likelihood needs a decoder output with 2 channels "
                          f"(location, log-scale), got shape {out.shape}: set "
                          "model.decoder_scale to 'shared' or 'per_pixel'")
-    return out[..., :1], out[..., 1:]
+    return location(out), pixels_last(out[..., 1])
 
 
 def _mse_nll(out, x, loss_config):
     num_pixels = x[0].size
     variance = 0.5 if loss_config.reduction == "sum" else 0.5 * num_pixels
-    sq = squared_error(out, x, "sum")
+    sq = squared_error(location(out), x, "sum")
     return sq / (2 * variance) + 0.5 * num_pixels * jnp.log(2 * jnp.pi * variance)
 
 
@@ -190,23 +202,23 @@ def _gaussian_nll(out, x, loss_config):
         loc, log_sigma = split_scale(out)
         log_sigma = softclip(log_sigma, GAUSSIAN_MIN_LOG_SIGMA)
     else:
-        loc = out[..., :1]
+        loc = location(out)
         log_sigma = optimal_log_sigma(jax.nn.sigmoid(loc), x)
     return gaussian_nll(jax.nn.sigmoid(loc), log_sigma, x)
 
 
 _NLL = {
-    "bce": lambda out, x, c: bernoulli_nll(out, x),
+    "bce": lambda out, x, c: bernoulli_nll(location(out), x),
     "mse": _mse_nll,
-    "continuous_bernoulli": lambda out, x, c: continuous_bernoulli_nll(out, x),
+    "continuous_bernoulli": lambda out, x, c: continuous_bernoulli_nll(location(out), x),
     "gaussian": _gaussian_nll,
     "discretized_logistic": lambda out, x, c: discretized_logistic_nll(*split_scale(out), x),
 }
 _MEAN = {
-    "bce": jax.nn.sigmoid,
-    "mse": jax.nn.sigmoid,
-    "continuous_bernoulli": continuous_bernoulli_mean,
-    "gaussian": lambda out: jax.nn.sigmoid(out[..., :1]),
+    "bce": lambda out: jax.nn.sigmoid(location(out)),
+    "mse": lambda out: jax.nn.sigmoid(location(out)),
+    "continuous_bernoulli": lambda out: continuous_bernoulli_mean(location(out)),
+    "gaussian": lambda out: jax.nn.sigmoid(location(out)),
     "discretized_logistic": lambda out: discretized_logistic_mean(*split_scale(out)),
 }
 
@@ -224,20 +236,20 @@ def reconstruction_loss(out: jax.Array, x: jax.Array,
     """The per-image reconstruction term the config's likelihood minimises: the NLL,
     except for mse, which minimises the (summed or averaged) squared error."""
     if loss_config.likelihood == "mse":
-        return squared_error(out, x, loss_config.reduction)
+        return squared_error(location(out), pixels_last(x), loss_config.reduction)
     return negative_log_likelihood(out, x, loss_config)
 
 
 def negative_log_likelihood(out: jax.Array, x: jax.Array,
                             loss_config: ml_collections.ConfigDict) -> jax.Array:
     """-log p(x|z) in nats per image under the likelihood the config names."""
-    return _lookup(_NLL, loss_config)(out, x, loss_config)
+    return _lookup(_NLL, loss_config)(out, pixels_last(x), loss_config)
 
 
 def pixel_mean(out: jax.Array, loss_config: ml_collections.ConfigDict) -> jax.Array:
     """The image a decoder output stands for: the likelihood's mean per pixel,
     [B, 28, 28, 1] in [0, 1]."""
-    return _lookup(_MEAN, loss_config)(out)
+    return _lookup(_MEAN, loss_config)(out).reshape(*out.shape[:-1], 1)
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
