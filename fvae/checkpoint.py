@@ -73,9 +73,13 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
 
 
 def _manager(directory: pathlib.Path, keep: int | None, async_save: bool):
+    # The barriers of a multi-host save are named by step: a prefix per manager keeps
+    # 'latest' and 'best' saving the same step apart.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=directory.name))
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 

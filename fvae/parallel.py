@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -54,11 +55,11 @@ class DataParallel:
 
     def replicate(self, tree):
         """Places a tree (arrays, keys or a TrainState) on every device."""
-        return jax.device_put(tree, self.replicated)
+        return place(tree, self.replicated)
 
     def shard_batch(self, tree):
         """Splits the leading (batch) axis of every leaf across devices."""
-        return jax.device_put(tree, self.batch)
+        return place(tree, self.batch)
 
     def local_copies(self, tree) -> list:
         """A replicated tree as one single-device tree per device (no copies made)."""
@@ -70,6 +71,30 @@ class DataParallel:
         """The inverse of local_copies: equal per-device trees as one replicated tree."""
         return jax.tree.map(lambda *xs: jax.make_array_from_single_device_arrays(
             xs[0].shape, self.replicated, list(xs)), *trees)
+
+
+def place(tree, sharding: NamedSharding):
+    """jax.device_put(tree, sharding), also when the mesh spans several processes: there
+    each process holds the same host values and contributes its own devices' parts
+    (device_put accepts only shardings whose devices are all this process's)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def to_global(x):
+        x = jnp.asarray(x)  # Python scalars in the tree, as device_put would take them
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(to_global(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        local = np.asarray(x)
+        return jax.make_array_from_callback(local.shape, sharding, lambda i: local[i])
+
+    return jax.tree.map(to_global, tree)
+
+
+def host_local(tree):
+    """A replicated tree as host values when the mesh spans several processes (so that
+    one process alone can compute with it); unchanged in a one-process job."""
+    return tree if jax.process_count() == 1 else jax.device_get(tree)
 
 
 def make_data_parallel(num_devices: int = 0, reduce: str = "auto") -> DataParallel:

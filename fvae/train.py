@@ -433,7 +433,7 @@ def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
     workdir = pathlib.Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test.{jax.process_index()}"  # one per process
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -547,13 +547,16 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                 run_sums[i] = {k: jnp.asarray(v) for k, v in r[1]["epoch_sums"].items()}
                 logging.info("resuming %s from the checkpoint at step %d in %s",
                              config.name, r[0], workdirs[i])
+        primary = jax.process_index() == 0  # of a multi-host job, one process writes files
         for c, w, r in zip(run_configs, workdirs, restored):
-            write_config(c, w)
+            if primary:
+                write_config(c, w)
             writers.append(MetricsWriter(w, resume_step=None if r is None else r[0],
-                                         tensorboard=config.train.tensorboard))
+                                         tensorboard=config.train.tensorboard,
+                                         primary=primary))
 
         state = dp.replicate(stack_seeds(states, vmapped))
-        sums = stack_seeds(run_sums, vmapped)
+        sums = dp.replicate(stack_seeds(run_sums, vmapped))  # saved with the state
         del states, restored, run_sums  # no second copy of every seed's state
         train_images = dp.replicate(dataset.train_images)
         train_key = dp.replicate(stack_seeds([k.train for k in run_keys], vmapped))
@@ -603,7 +606,8 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                                    images_per_sec, start_time, beta_schedule, eval_step,
                                    dataset, test_inputs, run_keys[i], writers[i], ckpts[i],
                                    bar, dp, label=f"seed {c.seed}, " if vmapped else "")
-                    sums = stack_seeds([zero_metrics() for _ in run_configs], vmapped)
+                    sums = dp.replicate(stack_seeds([zero_metrics() for _ in run_configs],
+                                                    vmapped))
                     timer_step, timer_t0 = step, time.time()
                 # A stop request (possibly arriving during the epoch's evaluation) always
                 # saves, so the message below never promises a checkpoint that is not there.
@@ -620,7 +624,9 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                     raise TrainingInterrupted(stop.signum, step, ckpt_enabled)
         finals = [seed_slice(state, i, vmapped) for i in range(len(run_configs))]
         for c, final, keys, w, writer in zip(run_configs, finals, run_keys, workdirs, writers):
-            save_figures(model, final.params, c, dataset, keys, w, writer, step)
+            if primary:  # on this process's devices only: the others are done
+                save_figures(model, parallel.host_local(final.params), c, dataset, keys, w,
+                             writer, step)
     except BaseException:  # however training ends, in-flight saves complete, files close
         close_all(ckpts, writers, raise_first=False)  # and the first error is the one seen
         raise
@@ -660,7 +666,8 @@ def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_
             model, state.params, config, dataset.test_images[:config.train.epoch_metrics_images]))
     writer.write({"split": "test", **common, **test_metrics, "beta": beta_now})
     if ckpt is not None:
-        ckpt.save_best(step, checkpoint.state_tree(state, zero_metrics()), test_metrics["elbo"])
+        ckpt.save_best(step, checkpoint.state_tree(state, dp.replicate(zero_metrics())),
+                       test_metrics["elbo"])
     bar.write(f"{label}epoch {epoch + 1}: train loss {train_metrics['loss']:.2f}, test loss "
               f"{test_metrics['loss']:.2f}, test elbo {test_metrics['elbo']:.2f} nats, "
               f"step {step}, {images_per_sec:.0f} img/s")

@@ -75,11 +75,16 @@ class MetricsWriter:
 
     With `tensorboard=True` every record is also written to workdir/tensorboard/ and
     `add_images` logs image mosaics there; without it `add_images` does nothing.
+    With `primary=False` (every process of a multi-host job but process 0) it writes
+    nothing at all, so that one process owns the run's files.
     """
 
     def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None,
-                 tensorboard: bool = False):
+                 tensorboard: bool = False, primary: bool = True):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.primary, self.tensorboard = primary, None
+        if not primary:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= resume_step]
@@ -92,6 +97,8 @@ class MetricsWriter:
                             if tensorboard else None)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.primary:
+            return
         line = json.dumps({k: jsonable(v) for k, v in record.items()})
         with open(self.path, "a") as f:
             f.write(line + "\n")

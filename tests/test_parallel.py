@@ -1,7 +1,9 @@
 """Data parallelism: several CPU devices give the one-device result."""
 
 import json
+import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -9,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from fvae import configs, parallel
+from conftest import write_experiment
+from fvae import checkpoint, configs, parallel
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -114,3 +117,40 @@ def test_mesh_shards_the_batch_and_replicates_the_rest():
     x = dp.shard_batch(np.zeros((4 * dp.num_devices, 3)))
     assert x.sharding.spec == jax.sharding.PartitionSpec("data")
     assert dp.replicate(np.zeros(3)).sharding.is_fully_replicated
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one_device_does(tiny_data_dir, one_device_run, tmp_path):
+    """A multi-host job on one machine: two launch.py processes of one CPU device each,
+    joined by jax.distributed through the environment (README, "One device or many").
+    They train what one device trains, save one checkpoint and write each metrics line
+    once."""
+    one, one_dir = one_device_run()
+    experiment = write_experiment(tmp_path / "exp.py", tiny_data_dir,
+                                  **{"train.batch_size": 32, "train.eval_batch_size": 16})
+    workdir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(TESTS.parent / "launch.py"), "--config", str(experiment),
+                 "--workdir", str(workdir)], env=env, stdout=out, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    assert "process 1 of 2, 1 local of 2 devices" in logs[1].read_text()
+    params = checkpoint.load_run(workdir).params
+    assert_same_run(one, {"leaves": [x.tolist() for x in jax.tree.leaves(params)]},
+                    one_dir, workdir)
+    assert not list(workdir.glob(".write_test*"))
