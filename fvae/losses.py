@@ -59,9 +59,16 @@ LOGISTIC_MIN_LOG_SCALE = -7.0 - math.log(2.0)
 CB_TAYLOR_RADIUS = 0.5
 
 
+def pixels_last(a: jax.Array) -> jax.Array:
+    """[B, ...] -> [B, pixels]. The per-pixel math runs on this layout: XLA:CPU's fused
+    elementwise kernels vectorise along the last axis, and with a trailing channel axis
+    of 1 (NHWC with one channel) a softplus ran 27x slower (3.0 vs 0.11 ms, batch 128)."""
+    return a.reshape(a.shape[0], -1)
+
+
 def _per_image(per_pixel: jax.Array) -> jax.Array:
     """Sum over every axis but the first (the batch)."""
-    return per_pixel.reshape(per_pixel.shape[0], -1).sum(-1)
+    return pixels_last(per_pixel).sum(-1)
 
 
 def bernoulli_nll(logits: jax.Array, x: jax.Array) -> jax.Array:
@@ -71,7 +78,7 @@ def bernoulli_nll(logits: jax.Array, x: jax.Array) -> jax.Array:
 
 def squared_error(logits: jax.Array, x: jax.Array, reduction: str = "sum") -> jax.Array:
     """(x - sigmoid(logits))^2 summed or averaged over pixels, per image."""
-    err = jnp.square(x - jax.nn.sigmoid(logits)).reshape(x.shape[0], -1)
+    err = pixels_last(jnp.square(x - jax.nn.sigmoid(logits)))
     return err.sum(-1) if reduction == "sum" else err.mean(-1)
 
 
@@ -169,13 +176,6 @@ def discretized_logistic_mean(loc: jax.Array, log_scale: jax.Array) -> jax.Array
 
 
 # ---------------------------------------------------------------- dispatch
-def pixels_last(a: jax.Array) -> jax.Array:
-    """[B, ...] -> [B, pixels]. The per-pixel math runs on this layout: XLA:CPU's fused
-    elementwise kernels vectorise along the last axis, and with a trailing channel axis
-    of 1 (NHWC with one channel) a softplus ran over 10x slower."""
-    return a.reshape(a.shape[0], -1)
-
-
 def location(out: jax.Array) -> jax.Array:
     """Channel 0 of a decoder output [B, 28, 28, C] (logits or location), [B, 784]."""
     return pixels_last(out[..., 0])

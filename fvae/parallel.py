@@ -81,7 +81,8 @@ def place(tree, sharding: NamedSharding):
         return jax.device_put(tree, sharding)
 
     def to_global(x):
-        x = jnp.asarray(x)  # Python scalars in the tree, as device_put would take them
+        if not hasattr(x, "dtype"):  # a Python scalar: the dtype device_put would give it
+            x = jnp.asarray(x)
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(to_global(jax.random.key_data(x)),
                                             impl=jax.random.key_impl(x))
