@@ -6,6 +6,7 @@
     python -m fvae.bench --seeds 1,2 --devices 1          # vmapped seeds (fvae.sweep)
     python -m fvae.bench --devices 2 --reduce host,xla    # how gradients cross devices
     python -m fvae.bench --cpu-convolutions eigen,xla_default  # XLA:CPU's conv kernels
+    python -m fvae.bench --cpu-conv3x3 fvae,xla  # fvae's own 3x3 conv kernels or XLA's
     python -m fvae.bench --huge-pages true,false          # train.huge_pages (Linux)
 
 Each configuration runs in its own subprocess (so the number of CPU devices can
@@ -93,7 +94,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     jax.config.update("jax_num_cpu_devices", spec["devices"])
     import numpy as np
 
-    from fvae import losses, models, parallel, train
+    from fvae import cpu_kernels, losses, models, parallel, train
 
     config.model.name, config.model.latent_dim = spec["model"], spec["latent_dim"]
     config.model.upsample = spec["upsample"]
@@ -101,7 +102,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if jax.default_backend() != "cpu":  # --devices counts CPU devices; use the accelerators
         spec = {**spec, "devices": min(spec["devices"], jax.device_count())}
     dp = parallel.make_data_parallel(spec["devices"], spec.get("reduce", "auto"))
-    model = models.build_model(config.model)
+    kernels = "xla" if dp.partitioned_by_xla else spec.get("conv3x3", "fvae")  # as train.py
+    model = models.build_model(config.model, cpu_kernels.conv_for(kernels))
     seeds = spec.get("seeds", 1)
     vmapped = seeds > 1  # as train.train_seeds: one vmapped step for all the seeds
     state = dp.replicate(train.stack_seeds(
@@ -169,7 +171,7 @@ REFERENCE_MODULES = {"keras": "benchmarks.keras_reference",
 
 def reference_spec(framework: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "framework": framework, "upsample": "conv_transpose", "devices": 1,
-            "seeds": 1, "cpu_convolutions": "", "huge_pages": None}
+            "seeds": 1, "cpu_convolutions": "", "conv3x3": "", "huge_pages": None}
 
 
 def jax_specs(base: dict[str, Any], args) -> list[dict[str, Any]]:
@@ -177,12 +179,14 @@ def jax_specs(base: dict[str, Any], args) -> list[dict[str, Any]]:
     of the command line's axes (--reduce only where there are several devices)."""
     specs = []
     for upsample in args.upsample.split(","):
-        for convs, huge in itertools.product(args.cpu_convolutions.split(","),
-                                              args.huge_pages.split(",")):
+        for convs, conv3x3, huge in itertools.product(args.cpu_convolutions.split(","),
+                                                       args.cpu_conv3x3.split(","),
+                                                       args.huge_pages.split(",")):
             for devices in map(int, args.devices.split(",")):
                 for reduce in args.reduce.split(",") if devices > 1 else ["auto"]:
                     for seeds in map(int, args.seeds.split(",")):
                         specs.append({**base, "upsample": upsample, "cpu_convolutions": convs,
+                                      "conv3x3": conv3x3,
                                       "huge_pages": {"true": True, "false": False}[huge],
                                       "devices": devices, "seeds": seeds, "reduce": reduce})
     return specs
@@ -192,15 +196,15 @@ YES_NO = {True: "yes", False: "no"}
 
 
 def format_table(rows: list[dict[str, Any]], peak: float) -> str:
-    head = ("| framework | model | latent | upsample | CPU convs | huge pages | batch | devices "
-            "| seeds | images/s | ms/step | compile s | peak MB | useful GFLOP/s "
+    head = ("| framework | model | latent | upsample | CPU convs | 3x3 convs | huge pages | batch "
+            "| devices | seeds | images/s | ms/step | compile s | peak MB | useful GFLOP/s "
             "| % of matmul peak |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
         devices = f"{r['devices']}{' ' + r['reduce'] if r.get('reduce') else ''}"
         first = (f"| {r.get('framework', 'jax')} | {r['model']} | {r['latent_dim']} | "
-                 f"{r['upsample']} | {r.get('cpu_convolutions', '')} | "
+                 f"{r['upsample']} | {r.get('cpu_convolutions', '')} | {r.get('conv3x3', '')} | "
                  f"{YES_NO.get(r.get('huge_pages'), '')} | {r['batch_size']} | "
                  f"{devices} | {r.get('seeds', 1)} | ")
         if "error" in r:
@@ -223,6 +227,8 @@ def main(argv=None) -> None:
                         help="gradient sum across devices: auto, host, xla (fvae.parallel)")
     parser.add_argument("--cpu-convolutions", default="eigen",
                         help="XLA:CPU convolution kernels: eigen, xla_default (fvae.runtime)")
+    parser.add_argument("--cpu-conv3x3", default="fvae",
+                        help="3x3 convolutions on CPU: fvae, xla (fvae.cpu_kernels)")
     parser.add_argument("--huge-pages", default="true",
                         help="true, false: train.huge_pages, glibc's malloc asking for "
                              "transparent huge pages (fvae.runtime)")

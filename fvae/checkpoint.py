@@ -31,7 +31,7 @@ RESUMABLE_KEYS = ("name", "data.dir", "data.download", "data.verify_checksums",
                   "train.progress_bar", "train.log_every_steps", "train.steps_per_dispatch",
                   "train.eval_batch_size", "train.num_figure_images", "train.tensorboard",
                   "train.epoch_metrics_images", "train.cpu_devices", "train.num_devices",
-                  "train.cpu_convolutions", "train.huge_pages",
+                  "train.cpu_convolutions", "train.cpu_conv3x3", "train.huge_pages",
                   "train.cross_device_reduce")
 RESUMABLE_PREFIXES = ("checkpoint.", "eval.")
 LENGTH_KEYS = ("train.num_epochs", "train.num_steps")  # resumable unless a schedule uses them

@@ -26,6 +26,7 @@ DATA_SOURCES = ("idx", "tfds")
 BINARIZE_MODES = ("none", "dynamic")
 CROSS_DEVICE_REDUCES = ("auto", "host", "xla")  # see fvae.parallel
 CPU_CONVOLUTIONS = ("eigen", "xla_default")  # see fvae.runtime
+CPU_CONV3X3 = ("fvae", "xla")  # see fvae.cpu_kernels
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # batch sizes divide (one device uses every core with Eigen convolutions)
     c.train.cpu_convolutions = "eigen"  # XLA:CPU's convolution kernels: 'eigen' (multi-
     # threaded) or 'xla_default' (YNNPACK on jaxlib 0.10); see fvae.runtime
+    c.train.cpu_conv3x3 = "fvae"  # 3x3 stride-1 convs and their gradients on CPU: 'fvae'
+    # (its own kernels, compiled on first use) or 'xla'; see fvae.cpu_kernels
     c.train.huge_pages = True  # glibc's malloc asks for transparent huge pages (Linux;
     # launch.py restarts itself once to set it); see fvae.runtime
     c.train.cross_device_reduce = "auto"  # gradient sum across devices: 'host' (the CPU
@@ -300,6 +303,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_in(config, "train.on_nonfinite", ("stop", "skip"))
     _check_in(config, "train.cross_device_reduce", CROSS_DEVICE_REDUCES)
     _check_in(config, "train.cpu_convolutions", CPU_CONVOLUTIONS)
+    _check_in(config, "train.cpu_conv3x3", CPU_CONV3X3)
     _check_min(config, "train.epoch_metrics_images", 0, integer=True)
     _check_min(config, "checkpoint.every_steps", 0, integer=True)
     _check_min(config, "checkpoint.keep", 1, integer=True)

@@ -20,6 +20,7 @@ import ml_collections
 IMAGE_SHAPE = (28, 28, 1)
 
 Shard = tuple[int | jax.Array, int]  # (i, n): part i of n equal parts of a batch
+ConvFn = Callable[..., jax.Array]  # jax.lax.conv_general_dilated or a drop-in for it
 
 
 # Which 3x3 taps feed each output phase of a stride-2 'SAME' transposed conv: for an
@@ -107,11 +108,12 @@ def with_shared_scale(module: nn.Module, out: jax.Array, scale: str) -> jax.Arra
 class ResBlock(nn.Module):
     """Two 3x3 convs with a skip connection."""
     width: int
+    conv: ConvFn = jax.lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x):
-        h = nn.relu(nn.Conv(self.width, (3, 3))(x))
-        h = nn.Conv(self.width, (3, 3))(h)
+        h = nn.relu(nn.Conv(self.width, (3, 3), conv_general_dilated=self.conv)(x))
+        h = nn.Conv(self.width, (3, 3), conv_general_dilated=self.conv)(h)
         return nn.relu(x + h)
 
 
@@ -121,11 +123,13 @@ class ConvEncoder(nn.Module):
     widths: Sequence[int] = (32, 64, 128)
     strides: Sequence[int] = (2, 2, 1)
     dense: int = 256
+    conv: ConvFn = jax.lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x):
         for width, stride in zip(self.widths, self.strides):
-            x = nn.relu(nn.Conv(width, (3, 3), strides=(stride, stride))(x))
+            x = nn.relu(nn.Conv(width, (3, 3), strides=(stride, stride),
+                                conv_general_dilated=self.conv)(x))
         x = nn.relu(nn.Dense(self.dense)(x.reshape(x.shape[0], -1)))
         return nn.Dense(self.latent_dim, name="mean")(x), \
             nn.Dense(self.latent_dim, name="logvar")(x)
@@ -138,6 +142,7 @@ class ConvDecoder(nn.Module):
     num_res_blocks: int = 2
     upsample: str = "subpixel"
     scale: str = "none"  # one of configs.DECODER_SCALES
+    conv: ConvFn = jax.lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, z):
@@ -146,9 +151,9 @@ class ConvDecoder(nn.Module):
         for i, width in enumerate(self.widths[1:]):
             x = nn.relu(upsample(width, self.upsample, f"ConvTranspose_{i}")(x))
         for _ in range(self.num_res_blocks):
-            x = ResBlock(self.widths[-1])(x)
-        return with_shared_scale(self, nn.Conv(output_channels(self.scale), (3, 3))(x),
-                                 self.scale)
+            x = ResBlock(self.widths[-1], self.conv)(x)
+        out = nn.Conv(output_channels(self.scale), (3, 3), conv_general_dilated=self.conv)(x)
+        return with_shared_scale(self, out, self.scale)
 
 
 class KerasEncoder(nn.Module):
@@ -218,16 +223,19 @@ def take_shard(x: jax.Array, shard: Shard) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, index * rows, rows)
 
 
-def build_model(model_config: ml_collections.ConfigDict) -> VAE:
-    """Builds the VAE the config's `model` block names."""
+def build_model(model_config: ml_collections.ConfigDict,
+                conv: ConvFn = jax.lax.conv_general_dilated) -> VAE:
+    """Builds the VAE the config's `model` block names. `conv` computes the conv
+    model's convolutions (fvae.cpu_kernels.conv_for: the same function, another
+    weight-gradient kernel); the Keras model's have none it would change."""
     if model_config.name == "keras":
         return VAE(KerasEncoder(model_config.latent_dim),
                    KerasDecoder(model_config.upsample, model_config.decoder_scale))
     return VAE(
         ConvEncoder(model_config.latent_dim, tuple(model_config.encoder_widths),
-                    tuple(model_config.encoder_strides), model_config.encoder_dense),
+                    tuple(model_config.encoder_strides), model_config.encoder_dense, conv),
         ConvDecoder(tuple(model_config.decoder_widths), model_config.num_res_blocks,
-                    model_config.upsample, model_config.decoder_scale))
+                    model_config.upsample, model_config.decoder_scale, conv))
 
 
 def init_params(model: VAE, key: jax.Array):

@@ -46,6 +46,11 @@ class DataParallel:
         return self.mesh.devices.size
 
     @property
+    def partitioned_by_xla(self) -> bool:
+        """Whether XLA's partitioner splits each step across the devices."""
+        return self.num_devices > 1 and not self.host_reduce
+
+    @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 

@@ -29,7 +29,8 @@ from flax.training import train_state
 
 from flax import serialization
 
-from fvae import binarize, checkpoint, configs, data, evaluate, losses, models, parallel
+from fvae import (binarize, checkpoint, configs, cpu_kernels, data, evaluate, losses, models,
+                  parallel)
 from fvae.writer import MetricsWriter
 
 Metrics = dict[str, jax.Array]
@@ -506,7 +507,9 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
 
     schedule = Schedule.from_config(config, len(dataset.train_images))
     run_keys = [RunKeys.from_seed(c.seed) for c in run_configs]
-    model = models.build_model(config.model)
+    # XLA's partitioner would gather the whole batch for fvae's kernels on every device.
+    kernels = "xla" if dp.partitioned_by_xla else config.train.cpu_conv3x3
+    model = models.build_model(config.model, cpu_kernels.conv_for(kernels))
     states = [create_train_state(config, model, k.init, schedule.total_steps)
               for k in run_keys]
     beta_schedule = losses.make_beta_schedule(config.loss, schedule.steps_per_epoch,

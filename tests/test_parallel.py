@@ -23,7 +23,7 @@ jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))
 sys.path.insert(0, sys.argv[3])
 from conftest import tiny_config
 from fvae import train
-config = tiny_config(sys.argv[2], **{"train.num_devices": int(sys.argv[1]),
+config = tiny_config(sys.argv[2], **MODEL, **{"train.num_devices": int(sys.argv[1]),
                                      "train.cross_device_reduce": sys.argv[5],
                                      "train.batch_size": 32, "train.eval_batch_size": 16,
                                      "data.binarize": sys.argv[6],
@@ -33,7 +33,9 @@ replicas = [[s.data.tolist() for s in x.addressable_shards] for x in jax.tree.le
 print(json.dumps({"devices": jax.device_count(), "leaves": [r[0] for r in replicas],
                   "replicas_identical": all(r == [r[0]] * len(r) for r in replicas)}))
 """
-
+# 16-channel convs, so that fvae's CPU kernels (fvae.cpu_kernels) run split across devices.
+MODEL = {"model.encoder_widths": (8, 16, 16), "model.decoder_widths": (16, 16, 16)}
+SCRIPT = SCRIPT.replace("**MODEL", f"**{MODEL!r}")
 
 XLA_CPU_HANG = "Termination timeout for `all reduce"  # the known XLA:CPU deadlock
 
@@ -132,7 +134,8 @@ def test_two_processes_train_as_one_device_does(tiny_data_dir, one_device_run, t
     once."""
     one, one_dir = one_device_run()
     experiment = write_experiment(tmp_path / "exp.py", tiny_data_dir,
-                                  **{"train.batch_size": 32, "train.eval_batch_size": 16})
+                                  **MODEL, **{"train.batch_size": 32,
+                                              "train.eval_batch_size": 16})
     workdir, port = tmp_path / "run", free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     procs = []

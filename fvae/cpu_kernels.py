@@ -1,0 +1,207 @@
+"""fvae's own CPU kernel for the weight gradient of 3x3 convolutions (`train.cpu_conv_weight_grad`).
+
+XLA:CPU (jaxlib 0.10) computes the weight gradient of the study's 28x28x32 residual
+convolutions at about a third of the machine's peak, and those four gradients were
+the largest single cost of a training step. `conv_general_dilated` is a drop-in for
+`jax.lax.conv_general_dilated` (nn.Conv's `conv_general_dilated` field): the same
+forward convolution and input gradient, with the weight gradient of a 3x3, stride-1,
+'SAME', float32 NHWC convolution computed by fvae/csrc/conv3x3_weight_grad.cc through
+jax.ffi. Any other convolution, a backend other than the CPU, or a machine where the
+kernel cannot be compiled gets XLA's own (with one warning).
+
+The C++ source is compiled on first use with the host's compiler (CXX, else c++) for
+the host's instruction set, and cached under $FVAE_CACHE_DIR (default
+~/.cache/fvae) by a hash of the source, the flags, jaxlib and the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from fvae import configs
+
+SOURCE = pathlib.Path(__file__).parent / "csrc" / "conv3x3.cc"
+TARGETS = {"fvae_conv3x3": "FvaeConv3x3",  # XLA custom-call target: library symbol
+           "fvae_conv3x3_weight_grad": "FvaeConv3x3WeightGrad"}
+GROUP_IMAGES = 8  # images per partial weight gradient: the unit of work of a thread
+LANES = 16  # the kernels' vector width: output channels come in multiples of it
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def cache_dir() -> pathlib.Path:
+    default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+    return pathlib.Path(os.environ.get("FVAE_CACHE_DIR", default / "fvae"))
+
+
+def compile_command(source: pathlib.Path, output: pathlib.Path) -> list[str]:
+    arch = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else \
+        "-march=native"
+    return [os.environ.get("CXX", "c++"), "-O3", arch, "-std=c++17", "-shared", "-fPIC",
+            f"-I{jax.ffi.include_dir()}", str(source), "-o", str(output)]
+
+
+def cpu_fingerprint() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({l for l in lines if l.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def library_path() -> pathlib.Path:
+    """The compiled kernel, compiling it first if this machine has no cached copy."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([
+        source, " ".join(compile_command(SOURCE, pathlib.Path("out"))).encode(),
+        jaxlib.version.__version__.encode(), cpu_fingerprint().encode()])).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"conv3x3-{key}.so"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = pathlib.Path(tmp) / path.name
+        logging.info("compiling %s", SOURCE.name)
+        subprocess.run(compile_command(SOURCE, built), check=True, capture_output=True,
+                       text=True)
+        os.replace(built, path)  # atomic: processes compiling at once both end well
+    return path
+
+
+@functools.cache
+def load() -> bool:
+    """Compiles (once per machine) and registers the kernel with XLA; False, after one
+    warning, where it cannot be (no C++ compiler, an unsupported one, ...)."""
+    try:
+        library = ctypes.cdll.LoadLibrary(str(library_path()))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                        platform="cpu")
+            jax.ffi.register_ffi_target_as_batch_partitionable(target)
+        return True
+    except (OSError, AttributeError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        logging.warning("fvae's CPU kernels for 3x3 convolutions could not be compiled, so "
+                        "XLA's is used (set train.cpu_conv3x3='xla' to skip them): %s",
+                        str(detail)[-2000:])
+        return False
+
+
+def _call(target: str, shape: tuple[int, ...], *args: jax.Array,
+          vmap_method: str = "broadcast_all") -> jax.Array:
+    if not load():
+        raise RuntimeError(f"fvae's CPU kernels could not be compiled (see the warning "
+                           f"above), so {target} cannot run")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method=vmap_method)(*args)
+
+
+def _flip(kernel: jax.Array) -> jax.Array:
+    """A 3x3 kernel flipped in space, its in and out channels swapped."""
+    return kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+
+
+def _xla_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=NHWC)
+
+
+def conv3x3_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 3x3, stride-1, 'SAME' NHWC convolution: x [B, H, W, C], kernel (3, 3, C, O);
+    fvae's kernel when O is a multiple of 16, else XLA's."""
+    if kernel.shape[3] % LANES:
+        return _xla_conv3x3(x, kernel)
+    # vmapped (seeds): one call per kernel, each on every thread
+    return _call("fvae_conv3x3", x.shape[:-1] + kernel.shape[3:], x, kernel,
+                 vmap_method="sequential")
+
+
+def conv3x3_input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The input gradient [B, H, W, C] from the output cotangent dy [B, H, W, O]: the
+    convolution of dy with the flipped kernel."""
+    if kernel.shape[2] % LANES:
+        return jax.linear_transpose(lambda x: _xla_conv3x3(x, kernel), jax.ShapeDtypeStruct(
+            dy.shape[:-1] + kernel.shape[2:3], dy.dtype))(dy)[0]
+    return conv3x3_forward(dy, _flip(kernel))
+
+
+def conv3x3_weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """The (3, 3, C, O) kernel gradient from input x [B, H, W, C] and output cotangent
+    dy [B, H, W, O]; O or C a multiple of 16 (else it is the flipped gradient of the
+    convolution with the roles of x and dy swapped).
+
+    The kernel returns one partial gradient per group of images and XLA sums them: the
+    result does not depend on the number of threads, and a batch sharded across
+    devices splits along the groups."""
+    if dy.shape[-1] % LANES:
+        return _flip(conv3x3_weight_grad(dy, x))
+    batch = x.shape[0]
+    group = max(g for g in range(1, GROUP_IMAGES + 1) if batch % g == 0)
+    x = x.reshape(batch // group, group, *x.shape[1:])
+    dy = dy.reshape(batch // group, group, *dy.shape[1:])
+    partials = _call("fvae_conv3x3_weight_grad",
+                     (batch // group, 3, 3, x.shape[-1], dy.shape[-1]), x, dy)
+    # A dot with ones, not partials.sum(0): XLA:CPU's reduction over a leading axis
+    # took 4 ms for the encoder's last conv (16 x 3 x 3 x 64 x 128 partials), the dot 0.1.
+    return jnp.tensordot(jnp.ones(partials.shape[0], partials.dtype), partials, 1)
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 3x3, stride-1, 'SAME' NHWC convolution and its gradients by fvae's kernels."""
+    return conv3x3_forward(x, kernel)
+
+
+def _conv3x3_fwd(x, kernel):
+    return conv3x3_forward(x, kernel), (x, kernel)
+
+
+def _conv3x3_bwd(residuals, dy):
+    x, kernel = residuals
+    return conv3x3_input_grad(dy, kernel), conv3x3_weight_grad(x, dy)
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def covers(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+           precision=None, preferred_element_type=None) -> bool:
+    """Whether conv_general_dilated's arguments describe a convolution fvae's kernels
+    compute: 3x3, stride 1, 'SAME', float32 NHWC, in or out channels a multiple of 16."""
+    ones = (None, (1, 1), [1, 1])
+    return (lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
+            and (padding == "SAME" or tuple(map(tuple, padding)) == ((1, 1), (1, 1)))
+            and lhs_dilation in ones and rhs_dilation in ones and feature_group_count == 1
+            and batch_group_count == 1 and precision is None
+            and preferred_element_type is None and lhs.dtype == rhs.dtype == jnp.float32
+            and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+            and (rhs.shape[2] % LANES == 0 or rhs.shape[3] % LANES == 0))
+
+
+def conv_general_dilated(lhs, rhs, *args, **kwargs) -> jax.Array:
+    """jax.lax.conv_general_dilated, by fvae's kernels for the convolutions they cover
+    when running on the CPU (see the module doc)."""
+    if covers(lhs, rhs, *args, **kwargs) and jax.default_backend() == "cpu" and load():
+        return conv3x3(lhs, rhs)
+    return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
+def conv_for(choice: str):
+    """The convolution function for train.cpu_conv3x3 ('fvae' or 'xla')."""
+    if choice not in configs.CPU_CONV3X3:
+        raise ValueError(f"cpu_conv3x3 must be one of {configs.CPU_CONV3X3}, got {choice!r}")
+    return conv_general_dilated if choice == "fvae" else jax.lax.conv_general_dilated

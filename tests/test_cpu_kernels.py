@@ -1,0 +1,122 @@
+"""fvae's CPU kernels for 3x3 convolutions: the convolution and both gradients equal
+XLA's, whatever the channels, batch, vmapping or number of threads."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_params_close, params_equal
+from fvae import cpu_kernels, models, train
+
+NHWC = cpu_kernels.NHWC
+
+
+def xla_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+
+
+def value_and_grads(conv, x, kernel, dy):
+    """The convolution, and the gradients of <conv(x, kernel), dy> for x and kernel."""
+    return jax.jit(lambda x, k: (conv(x, k), *jax.grad(
+        lambda x, k: jnp.vdot(conv(x, k), dy), (0, 1))(x, k)))(x, kernel)
+
+
+def random(shape, seed, scale=1.0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
+
+
+@pytest.mark.parametrize("batch,size,c_in,c_out", [
+    (16, 28, 32, 32),  # the study's residual blocks
+    (8, 7, 64, 128),  # the encoder's last conv
+    (8, 28, 32, 1),  # the decoder's output: one logit...
+    (8, 28, 32, 2),  # ...or two channels with a per-pixel scale
+    (7, 5, 3, 16),  # in-channels that no tile fits; a batch that 8 does not divide
+    (13, 9, 48, 8),  # a prime batch: groups of one image
+])
+def test_convolution_and_gradients_equal_xla(batch, size, c_in, c_out):
+    x, kernel = random((batch, size, size, c_in), 0), random((3, 3, c_in, c_out), 1, 0.1)
+    dy = random((batch, size, size, c_out), 2)
+    assert cpu_kernels.covers(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+    for ours, reference in zip(value_and_grads(cpu_kernels.conv3x3, x, kernel, dy),
+                               value_and_grads(xla_conv, x, kernel, dy)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-4,
+                                   atol=1e-5 * float(jnp.abs(reference).max()))
+
+
+def test_vmapped_over_seeds_equals_each_seed():
+    xs, kernels = random((2, 8, 14, 14, 16), 0), random((2, 3, 3, 16, 32), 1, 0.1)
+    dys = random((2, 8, 14, 14, 32), 2)
+    vmapped = jax.vmap(lambda x, k, dy: value_and_grads(cpu_kernels.conv3x3, x, k, dy))(
+        xs, kernels, dys)
+    for seed in range(2):
+        alone = value_and_grads(xla_conv, xs[seed], kernels[seed], dys[seed])
+        for ours, reference in zip(vmapped, alone):
+            np.testing.assert_allclose(ours[seed], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_results_are_deterministic():
+    """Threads claim groups of images in any order; each group's sum is one thread's."""
+    x, kernel, dy = random((64, 28, 28, 32), 0), random((3, 3, 32, 32), 1), random(
+        (64, 28, 28, 32), 2)
+    first, second = (value_and_grads(cpu_kernels.conv3x3, x, kernel, dy) for _ in range(2))
+    assert params_equal(first, second)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"window_strides": (2, 2)}, {"padding": "VALID"}, {"rhs_dilation": (2, 2)},
+    {"dimension_numbers": ("NCHW", "HWIO", "NCHW")}, {"feature_group_count": 2},
+    {"precision": jax.lax.Precision.HIGHEST},
+])
+def test_other_convolutions_are_left_to_xla(kwargs):
+    nchw = kwargs.get("dimension_numbers")
+    x = random((2, 16, 8, 8) if nchw else (2, 8, 8, 16), 0)
+    kernel = random((3, 3, 8 if kwargs.get("feature_group_count") else 16, 16), 1)
+    args = {"window_strides": (1, 1), "padding": "SAME", "dimension_numbers": NHWC, **kwargs}
+    assert not cpu_kernels.covers(x, kernel, **args)
+    np.testing.assert_array_equal(cpu_kernels.conv_general_dilated(x, kernel, **args),
+                                  jax.lax.conv_general_dilated(x, kernel, **args))
+
+
+def test_other_dtypes_and_channel_counts_are_left_to_xla():
+    x, kernel = random((2, 8, 8, 16), 0), random((3, 3, 16, 16), 1)
+    assert cpu_kernels.covers(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+    assert not cpu_kernels.covers(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+                                  (1, 1), "SAME", dimension_numbers=NHWC)
+    assert not cpu_kernels.covers(x[..., :8], kernel[:, :, :8, :8], (1, 1), "SAME",
+                                  dimension_numbers=NHWC)  # neither side a multiple of 16
+
+
+def test_the_model_uses_the_kernels_and_trains_as_with_xla(make_config, tmp_path):
+    config = make_config(**{"model.encoder_widths": (8, 16, 16),
+                            "model.decoder_widths": (16, 16, 16), "train.num_epochs": 1})
+    model = models.build_model(config.model, cpu_kernels.conv_for("fvae"))
+    params = models.init_params(model, jax.random.key(0))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: model.apply(
+        {"params": p}, jnp.zeros((8, 28, 28, 1)), jax.random.key(1))[0].sum()))(params))
+    # encoder Conv_2, the residual block's two convs and the output conv
+    assert jaxpr.count("fvae_conv3x3_weight_grad") == 4
+
+    runs = {}
+    for kernels in ("fvae", "xla"):
+        config.train.cpu_conv3x3 = kernels
+        runs[kernels] = train.train_and_evaluate(config, str(tmp_path / kernels)).params
+    assert_params_close(runs["fvae"], runs["xla"], rtol=1e-3, atol=1e-4)
+
+
+def test_without_a_compiler_xla_runs_the_convolutions(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FVAE_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        assert not cpu_kernels.load.__wrapped__()  # load() itself caches its answer
+    assert "XLA's is used" in caplog.text and "cpu_conv3x3='xla'" in caplog.text
+
+
+def test_the_compiled_library_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("FVAE_CACHE_DIR", str(tmp_path))
+    path = cpu_kernels.library_path()
+    assert path.parent == tmp_path / "kernels" and path.exists()
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", None)  # compiling again would fail
+    assert cpu_kernels.library_path() == path
