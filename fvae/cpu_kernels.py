@@ -1,13 +1,13 @@
-"""fvae's own CPU kernel for the weight gradient of 3x3 convolutions (`train.cpu_conv_weight_grad`).
+"""fvae's own CPU kernels for 3x3 convolutions and their gradients (`train.cpu_conv3x3`).
 
-XLA:CPU (jaxlib 0.10) computes the weight gradient of the study's 28x28x32 residual
-convolutions at about a third of the machine's peak, and those four gradients were
-the largest single cost of a training step. `conv_general_dilated` is a drop-in for
-`jax.lax.conv_general_dilated` (nn.Conv's `conv_general_dilated` field): the same
-forward convolution and input gradient, with the weight gradient of a 3x3, stride-1,
-'SAME', float32 NHWC convolution computed by fvae/csrc/conv3x3_weight_grad.cc through
-jax.ffi. Any other convolution, a backend other than the CPU, or a machine where the
-kernel cannot be compiled gets XLA's own (with one warning).
+XLA:CPU (jaxlib 0.10) ran the weight gradients of the study's 28x28x32 residual convs
+at about a third of the machine's peak, on transposed copies of their operands: they
+were the largest single cost of a training step. `conv_general_dilated` is a drop-in
+for `jax.lax.conv_general_dilated` (nn.Conv's `conv_general_dilated` field) that runs
+a 3x3, stride-1, 'SAME', float32 NHWC convolution, its input gradient and its weight
+gradient with the kernels of fvae/csrc/conv3x3.cc, called through jax.ffi. Any other
+convolution, a backend other than the CPU, or a machine where the kernels cannot be
+compiled gets XLA's own (the last with one warning).
 
 The C++ source is compiled on first use with the host's compiler (CXX, else c++) for
 the host's instruction set, and cached under $FVAE_CACHE_DIR (default
@@ -89,7 +89,6 @@ def load() -> bool:
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                         platform="cpu")
-            jax.ffi.register_ffi_target_as_batch_partitionable(target)
         return True
     except (OSError, AttributeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
@@ -142,9 +141,8 @@ def conv3x3_weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     dy [B, H, W, O]; O or C a multiple of 16 (else it is the flipped gradient of the
     convolution with the roles of x and dy swapped).
 
-    The kernel returns one partial gradient per group of images and XLA sums them: the
-    result does not depend on the number of threads, and a batch sharded across
-    devices splits along the groups."""
+    The kernel returns one partial gradient per group of images and XLA sums them, so
+    the result does not depend on the number of threads."""
     if dy.shape[-1] % LANES:
         return _flip(conv3x3_weight_grad(dy, x))
     batch = x.shape[0]

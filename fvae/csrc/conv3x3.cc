@@ -8,8 +8,7 @@
 //
 // with x zero outside the image. n and g run over every leading dimension. The weight
 // gradient gets the batch in groups of a few images and returns one partial sum per
-// group, which XLA adds up: the result does not depend on the number of threads, and
-// XLA can split the groups across devices like any batch dimension.
+// group, which XLA adds up: the result does not depend on the number of threads.
 //
 // Why: XLA:CPU (jaxlib 0.10) runs these convolutions' gradients at a third to a half of
 // the machine's peak. Here each output tile stays in registers while it sweeps inputs
