@@ -94,7 +94,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     jax.config.update("jax_num_cpu_devices", spec["devices"])
     import numpy as np
 
-    from fvae import cpu_kernels, losses, models, parallel, train
+    from fvae import losses, parallel, train
 
     config.model.name, config.model.latent_dim = spec["model"], spec["latent_dim"]
     config.model.upsample = spec["upsample"]
@@ -102,8 +102,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if jax.default_backend() != "cpu":  # --devices counts CPU devices; use the accelerators
         spec = {**spec, "devices": min(spec["devices"], jax.device_count())}
     dp = parallel.make_data_parallel(spec["devices"], spec.get("reduce", "auto"))
-    kernels = "xla" if dp.partitioned_by_xla else spec.get("conv3x3", "fvae")  # as train.py
-    model = models.build_model(config.model, cpu_kernels.conv_for(kernels))
+    config.train.cpu_conv3x3 = spec.get("conv3x3", "fvae")
+    model = train.build_training_model(config, dp)
     seeds = spec.get("seeds", 1)
     vmapped = seeds > 1  # as train.train_seeds: one vmapped step for all the seeds
     state = dp.replicate(train.stack_seeds(

@@ -95,6 +95,15 @@ def make_optimizer(optim_config: ml_collections.ConfigDict,
     return opt
 
 
+def build_training_model(config: ml_collections.ConfigDict,
+                         dp: parallel.DataParallel) -> models.VAE:
+    """The config's model with the convolutions training on `dp` runs: fvae's CPU kernels
+    (train.cpu_conv3x3) unless XLA partitions the step, whose partitioner would gather
+    the whole batch on every device for them."""
+    kernels = "xla" if dp.partitioned_by_xla else config.train.cpu_conv3x3
+    return models.build_model(config.model, cpu_kernels.conv_for(kernels))
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: models.VAE,
                        key: jax.Array, total_steps: int) -> TrainState:
     params = models.init_params(model, key)
@@ -507,9 +516,7 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
 
     schedule = Schedule.from_config(config, len(dataset.train_images))
     run_keys = [RunKeys.from_seed(c.seed) for c in run_configs]
-    # XLA's partitioner would gather the whole batch for fvae's kernels on every device.
-    kernels = "xla" if dp.partitioned_by_xla else config.train.cpu_conv3x3
-    model = models.build_model(config.model, cpu_kernels.conv_for(kernels))
+    model = build_training_model(config, dp)
     states = [create_train_state(config, model, k.init, schedule.total_steps)
               for k in run_keys]
     beta_schedule = losses.make_beta_schedule(config.loss, schedule.steps_per_epoch,

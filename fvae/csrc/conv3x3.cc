@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -68,6 +69,22 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> 
 struct Image {
   int64_t height, width, channels;
 };
+
+using Dims = ffi::Span<const int64_t>;
+
+// The number of items the buffers hold: the product of the dimensions before their last
+// `trailing` ones, which every buffer must have alike; -1 if they have not.
+int64_t ItemCount(std::initializer_list<Dims> buffers, size_t trailing) {
+  const Dims first = *buffers.begin();
+  if (first.size() < trailing) return -1;
+  int64_t count = 1;
+  for (size_t i = 0; i + trailing < first.size(); ++i) {
+    for (Dims dims : buffers)
+      if (dims.size() != first.size() || dims[i] != first[i]) return -1;
+    count *= first[i];
+  }
+  return count;
+}
 
 // ---------------------------------------------------------------------------------
 // Convolution.
@@ -122,16 +139,13 @@ void ConvImage(const Image& in, int64_t O, const float* x, const float* k, float
 ffi::Error Conv3x3Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                        ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  const int64_t images = ItemCount({xd, yd}, 3);
+  if (images < 0 || kd.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "conv3x3: x and y need the same rank >= 3 and batch dimensions, k rank 4");
   const size_t rank = xd.size();
-  if (rank < 3 || yd.size() != rank || kd.size() != 4)
-    return ffi::Error::InvalidArgument("conv3x3: x and y need one rank >= 3, k rank 4");
   const Image in{xd[rank - 3], xd[rank - 2], xd[rank - 1]};
   const int64_t O = kd[3];
-  int64_t images = 1;
-  for (size_t i = 0; i + 3 < rank; ++i) {
-    if (yd[i] != xd[i]) return ffi::Error::InvalidArgument("conv3x3: batch dimensions differ");
-    images *= xd[i];
-  }
   if (kd[0] != 3 || kd[1] != 3 || kd[2] != in.channels || yd[rank - 3] != in.height ||
       yd[rank - 2] != in.width || yd[rank - 1] != O)
     return ffi::Error::InvalidArgument("conv3x3: shapes of x, k and y disagree");
@@ -212,15 +226,11 @@ void WeightGradOfGroup(const Image& in, int64_t images, int64_t O, const float* 
 ffi::Error Conv3x3WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                  ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
   auto xd = x.dimensions(), dyd = dy.dimensions(), dkd = dk->dimensions();
+  const int64_t groups = ItemCount({xd, dyd, dkd}, 4);
+  if (groups < 0)
+    return ffi::Error::InvalidArgument(
+        "conv3x3_weight_grad: x, dy and dk need the same rank >= 4 and group dimensions");
   const size_t rank = xd.size();
-  if (rank < 4 || dyd.size() != rank || dkd.size() != rank)
-    return ffi::Error::InvalidArgument("conv3x3_weight_grad: x, dy and dk need one rank >= 4");
-  int64_t groups = 1;
-  for (size_t i = 0; i + 4 < rank; ++i) {
-    if (dyd[i] != xd[i] || dkd[i] != xd[i])
-      return ffi::Error::InvalidArgument("conv3x3_weight_grad: group dimensions differ");
-    groups *= xd[i];
-  }
   const Image in{xd[rank - 3], xd[rank - 2], xd[rank - 1]};
   const int64_t images = xd[rank - 4], O = dyd[rank - 1];
   if (dyd[rank - 4] != images || dyd[rank - 3] != in.height || dyd[rank - 2] != in.width ||
@@ -240,18 +250,16 @@ ffi::Error Conv3x3WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Both handlers: XLA's thread pool, two float32 operands, one float32 result.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3Impl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGradImpl, Binding());
