@@ -6,7 +6,7 @@
     python -m fvae.bench --seeds 1,2 --devices 1          # vmapped seeds (fvae.sweep)
     python -m fvae.bench --devices 2 --reduce host,xla    # how gradients cross devices
     python -m fvae.bench --cpu-convolutions eigen,xla_default  # XLA:CPU's conv kernels
-    python -m fvae.bench --cpu-conv3x3 fvae,xla  # fvae's own 3x3 conv kernels or XLA's
+    python -m fvae.bench --cpu-conv3x3 fvae,xla  # fvae's own conv kernels or XLA's
     python -m fvae.bench --huge-pages true,false          # train.huge_pages (Linux)
 
 Each configuration runs in its own subprocess (so the number of CPU devices can
@@ -228,7 +228,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-convolutions", default="eigen",
                         help="XLA:CPU convolution kernels: eigen, xla_default (fvae.runtime)")
     parser.add_argument("--cpu-conv3x3", default="fvae",
-                        help="3x3 convolutions on CPU: fvae, xla (fvae.cpu_kernels)")
+                        help="3x3 convolutions and transposed convolutions on CPU: fvae, xla "
+                             "(fvae.cpu_kernels)")
     parser.add_argument("--huge-pages", default="true",
                         help="true, false: train.huge_pages, glibc's malloc asking for "
                              "transparent huge pages (fvae.runtime)")

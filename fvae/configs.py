@@ -103,8 +103,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # batch sizes divide (one device uses every core with Eigen convolutions)
     c.train.cpu_convolutions = "eigen"  # XLA:CPU's convolution kernels: 'eigen' (multi-
     # threaded) or 'xla_default' (YNNPACK on jaxlib 0.10); see fvae.runtime
-    c.train.cpu_conv3x3 = "fvae"  # 3x3 stride-1 convs and their gradients on CPU: 'fvae'
-    # (its own kernels, compiled on first use) or 'xla'; see fvae.cpu_kernels
+    c.train.cpu_conv3x3 = "fvae"  # 3x3 convs (stride 1, and the stride-2 transposed
+    # ones) and their gradients on CPU: 'fvae' (its own kernels, compiled on first use)
+    # or 'xla'; see fvae.cpu_kernels
     c.train.huge_pages = True  # glibc's malloc asks for transparent huge pages (Linux;
     # launch.py restarts itself once to set it); see fvae.runtime
     c.train.cross_device_reduce = "auto"  # gradient sum across devices: 'host' (the CPU

@@ -5,9 +5,13 @@ at about a third of the machine's peak, on transposed copies of their operands: 
 were the largest single cost of a training step. `conv_general_dilated` is a drop-in
 for `jax.lax.conv_general_dilated` (nn.Conv's `conv_general_dilated` field) that runs
 a 3x3, stride-1, 'SAME', float32 NHWC convolution, its input gradient and its weight
-gradient with the kernels of fvae/csrc/conv3x3.cc, called through jax.ffi. Any other
-convolution, a backend other than the CPU, or a machine where the kernels cannot be
-compiled gets XLA's own (the last with one warning).
+gradient with the kernels of fvae/csrc/conv3x3.cc, called through jax.ffi.
+`conv_transpose` is a drop-in for `models.subpixel_conv_transpose`, the decoder's
+3x3, stride-2 transposed convolution: its kernels compute only the taps each output
+pixel uses, where the sub-pixel 2x2 convolution multiplies 7 zeros in every 16 (and
+needs depth-to-space copies). Any other convolution, a backend other than the CPU, or
+a machine where the kernels cannot be compiled gets XLA's own (the last with one
+warning).
 
 The C++ source is compiled on first use with the host's compiler (CXX, else c++) for
 the host's instruction set, and cached under $FVAE_CACHE_DIR (default
@@ -30,11 +34,14 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from fvae import configs
+from fvae import configs, models
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "conv3x3.cc"
 TARGETS = {"fvae_conv3x3": "FvaeConv3x3",  # XLA custom-call target: library symbol
-           "fvae_conv3x3_weight_grad": "FvaeConv3x3WeightGrad"}
+           "fvae_conv3x3_weight_grad": "FvaeConv3x3WeightGrad",
+           "fvae_conv_transpose3x3s2": "FvaeConvTranspose3x3s2",
+           "fvae_conv_transpose3x3s2_input_grad": "FvaeConvTranspose3x3s2InputGrad",
+           "fvae_conv_transpose3x3s2_weight_grad": "FvaeConvTranspose3x3s2WeightGrad"}
 GROUP_IMAGES = 8  # images per partial weight gradient: the unit of work of a thread
 LANES = 16  # the kernels' vector width: output channels come in multiples of it
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -139,18 +146,21 @@ def conv3x3_input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:
 def conv3x3_weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     """The (3, 3, C, O) kernel gradient from input x [B, H, W, C] and output cotangent
     dy [B, H, W, O]; O or C a multiple of 16 (else it is the flipped gradient of the
-    convolution with the roles of x and dy swapped).
-
-    The kernel returns one partial gradient per group of images and XLA sums them, so
-    the result does not depend on the number of threads."""
+    convolution with the roles of x and dy swapped)."""
     if dy.shape[-1] % LANES:
         return _flip(conv3x3_weight_grad(dy, x))
+    return _summed_weight_grad("fvae_conv3x3_weight_grad", x, dy)
+
+
+def _summed_weight_grad(target: str, x: jax.Array, dy: jax.Array) -> jax.Array:
+    """A weight-gradient kernel's (3, 3, C, O) result. The kernel returns one partial
+    gradient per group of images and XLA sums them, so the result does not depend on
+    the number of threads."""
     batch = x.shape[0]
     group = max(g for g in range(1, GROUP_IMAGES + 1) if batch % g == 0)
     x = x.reshape(batch // group, group, *x.shape[1:])
     dy = dy.reshape(batch // group, group, *dy.shape[1:])
-    partials = _call("fvae_conv3x3_weight_grad",
-                     (batch // group, 3, 3, x.shape[-1], dy.shape[-1]), x, dy)
+    partials = _call(target, (batch // group, 3, 3, x.shape[-1], dy.shape[-1]), x, dy)
     # A dot with ones, not partials.sum(0): XLA:CPU's reduction over a leading axis
     # took 4 ms for the encoder's last conv (16 x 3 x 3 x 64 x 128 partials), the dot 0.1.
     return jnp.tensordot(jnp.ones(partials.shape[0], partials.dtype), partials, 1)
@@ -198,8 +208,56 @@ def conv_general_dilated(lhs, rhs, *args, **kwargs) -> jax.Array:
     return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
 
-def conv_for(choice: str):
-    """The convolution function for train.cpu_conv3x3 ('fvae' or 'xla')."""
+# The stride-2 transposed convolution of the decoder's upsampling layers.
+
+def conv_transpose_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [B, H, W, C], kernel (3, 3, C, O) -> [B, 2H, 2W, O]."""
+    b, h, w, _ = x.shape
+    return _call("fvae_conv_transpose3x3s2", (b, 2 * h, 2 * w, kernel.shape[3]), x, kernel,
+                 vmap_method="sequential")
+
+
+def conv_transpose_input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The input gradient [B, H, W, C] from the output cotangent dy [B, 2H, 2W, O]."""
+    b, h, w, _ = dy.shape
+    return _call("fvae_conv_transpose3x3s2_input_grad", (b, h // 2, w // 2, kernel.shape[2]),
+                 dy, kernel.transpose(0, 1, 3, 2), vmap_method="sequential")
+
+
+@jax.custom_vjp
+def conv_transpose3x3s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """nn.ConvTranspose(O, (3, 3), strides=(2, 2), padding='SAME')'s convolution (no
+    bias) and its gradients by fvae's kernels; C and O multiples of 16."""
+    return conv_transpose_forward(x, kernel)
+
+
+def _conv_transpose_fwd(x, kernel):
+    return conv_transpose_forward(x, kernel), (x, kernel)
+
+
+def _conv_transpose_bwd(residuals, dy):
+    x, kernel = residuals
+    return (conv_transpose_input_grad(dy, kernel),
+            _summed_weight_grad("fvae_conv_transpose3x3s2_weight_grad", x, dy))
+
+
+conv_transpose3x3s2.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+
+
+def conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A drop-in for models.subpixel_conv_transpose (a 3x3, stride-2, 'SAME' transposed
+    convolution of NHWC images): by fvae's kernels on the CPU for float32 with in and
+    out channels multiples of 16, else by models.subpixel_conv_transpose."""
+    if (x.ndim == 4 and kernel.shape[:2] == (3, 3) and x.dtype == kernel.dtype == jnp.float32
+            and kernel.shape[2] % LANES == 0 and kernel.shape[3] % LANES == 0
+            and jax.default_backend() == "cpu" and load()):
+        return conv_transpose3x3s2(x, kernel)
+    return models.subpixel_conv_transpose(x, kernel)
+
+
+def convolutions_for(choice: str) -> models.Convolutions:
+    """The model's convolution functions for train.cpu_conv3x3 ('fvae' or 'xla')."""
     if choice not in configs.CPU_CONV3X3:
         raise ValueError(f"cpu_conv3x3 must be one of {configs.CPU_CONV3X3}, got {choice!r}")
-    return conv_general_dilated if choice == "fvae" else jax.lax.conv_general_dilated
+    return models.Convolutions(conv_general_dilated, conv_transpose) if choice == "fvae" \
+        else models.Convolutions()

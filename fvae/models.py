@@ -10,7 +10,7 @@ scalar shared by all pixels ('shared'), or a second output of the last layer
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,7 @@ IMAGE_SHAPE = (28, 28, 1)
 
 Shard = tuple[int | jax.Array, int]  # (i, n): part i of n equal parts of a batch
 ConvFn = Callable[..., jax.Array]  # jax.lax.conv_general_dilated or a drop-in for it
+ConvTransposeFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, kernel) -> y
 
 
 # Which 3x3 taps feed each output phase of a stride-2 'SAME' transposed conv: for an
@@ -50,22 +51,30 @@ def depth_to_space(y: jax.Array, features: int) -> jax.Array:
     return y.reshape(b, 2 * h, 2 * w, features)
 
 
+def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The convolution of nn.ConvTranspose(O, (3, 3), strides=(2, 2), padding='SAME')
+    (without its bias) for x [B, H, W, C] and kernel (3, 3, C, O), computed as one
+    ordinary 2x2 conv plus depth-to-space."""
+    y = jax.lax.conv_general_dilated(x, phase_kernel(kernel).astype(x.dtype), (1, 1),
+                                     ((1, 0), (1, 0)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return depth_to_space(y, kernel.shape[-1])
+
+
 class SubpixelConvTranspose(nn.Module):
     """nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding='SAME'), exactly (same
-    parameters, initialisation and outputs), computed as one ordinary 2x2 conv plus
-    depth-to-space. XLA:CPU runs the transposed conv's weight gradient as a slow
-    dilated convolution; this formulation turns it into an ordinary one."""
+    parameters, initialisation and outputs). XLA:CPU runs the transposed conv's weight
+    gradient as a slow dilated convolution; `subpixel_conv_transpose` turns it into an
+    ordinary one, and `conv_transpose` may be any function that computes the same."""
     features: int
+    conv_transpose: ConvTransposeFn = subpixel_conv_transpose
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        y = jax.lax.conv_general_dilated(x, phase_kernel(kernel).astype(x.dtype), (1, 1),
-                                         ((1, 0), (1, 0)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return depth_to_space(y, self.features) + bias
+        return self.conv_transpose(x, kernel.astype(x.dtype)) + bias
 
 
 class PixelShuffleUpsample(nn.Module):
@@ -79,15 +88,16 @@ class PixelShuffleUpsample(nn.Module):
         return depth_to_space(y, self.features)
 
 
-UPSAMPLERS = {"subpixel": SubpixelConvTranspose, "pixel_shuffle": PixelShuffleUpsample,
-              "conv_transpose": lambda features, name=None: nn.ConvTranspose(
-                  features, (3, 3), strides=(2, 2), padding="SAME", name=name)}
-
-
-def upsample(features: int, impl: str, name: str) -> nn.Module:
+def upsample(features: int, impl: str, name: str,
+             conv_transpose: ConvTransposeFn = subpixel_conv_transpose) -> nn.Module:
     """A stride-2 3x3 upsampling layer; every `impl` but pixel_shuffle is exactly
-    nn.ConvTranspose (same parameter names and shapes)."""
-    return UPSAMPLERS[impl](features, name=name)
+    nn.ConvTranspose (same parameter names and shapes). `conv_transpose` computes the
+    'subpixel' layer's convolution."""
+    if impl == "subpixel":
+        return SubpixelConvTranspose(features, conv_transpose, name=name)
+    if impl == "pixel_shuffle":
+        return PixelShuffleUpsample(features, name=name)
+    return nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME", name=name)
 
 
 def output_channels(scale: str) -> int:
@@ -143,13 +153,15 @@ class ConvDecoder(nn.Module):
     upsample: str = "subpixel"
     scale: str = "none"  # one of configs.DECODER_SCALES
     conv: ConvFn = jax.lax.conv_general_dilated
+    conv_transpose: ConvTransposeFn = subpixel_conv_transpose
 
     @nn.compact
     def __call__(self, z):
         x = nn.relu(nn.Dense(7 * 7 * self.widths[0])(z))
         x = x.reshape(z.shape[0], 7, 7, self.widths[0])
         for i, width in enumerate(self.widths[1:]):
-            x = nn.relu(upsample(width, self.upsample, f"ConvTranspose_{i}")(x))
+            x = nn.relu(upsample(width, self.upsample, f"ConvTranspose_{i}",
+                                 self.conv_transpose)(x))
         for _ in range(self.num_res_blocks):
             x = ResBlock(self.widths[-1], self.conv)(x)
         out = nn.Conv(output_channels(self.scale), (3, 3), conv_general_dilated=self.conv)(x)
@@ -173,12 +185,13 @@ class KerasDecoder(nn.Module):
     """The Keras example's decoder: Dense(7*7*64) and three transposed convs."""
     upsample: str = "subpixel"
     scale: str = "none"  # one of configs.DECODER_SCALES
+    conv_transpose: ConvTransposeFn = subpixel_conv_transpose
 
     @nn.compact
     def __call__(self, z):
         x = nn.relu(nn.Dense(7 * 7 * 64)(z)).reshape(z.shape[0], 7, 7, 64)
-        x = nn.relu(upsample(64, self.upsample, "ConvTranspose_0")(x))
-        x = nn.relu(upsample(32, self.upsample, "ConvTranspose_1")(x))
+        x = nn.relu(upsample(64, self.upsample, "ConvTranspose_0", self.conv_transpose)(x))
+        x = nn.relu(upsample(32, self.upsample, "ConvTranspose_1", self.conv_transpose)(x))
         out = nn.ConvTranspose(output_channels(self.scale), (3, 3), padding="SAME",
                                name="ConvTranspose_2")(x)
         return with_shared_scale(self, out, self.scale)
@@ -223,19 +236,28 @@ def take_shard(x: jax.Array, shard: Shard) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, index * rows, rows)
 
 
+class Convolutions(NamedTuple):
+    """The functions a model computes its convolutions with: XLA's by default;
+    fvae.cpu_kernels.convolutions_for gives fvae's CPU kernels (the same functions)."""
+    conv: ConvFn = jax.lax.conv_general_dilated
+    conv_transpose: ConvTransposeFn = subpixel_conv_transpose
+
+
 def build_model(model_config: ml_collections.ConfigDict,
-                conv: ConvFn = jax.lax.conv_general_dilated) -> VAE:
-    """Builds the VAE the config's `model` block names. `conv` computes the conv
-    model's convolutions (fvae.cpu_kernels.conv_for: the same function, another
-    weight-gradient kernel); the Keras model's have none it would change."""
+                convolutions: Convolutions = Convolutions()) -> VAE:
+    """Builds the VAE the config's `model` block names, computing its convolutions with
+    `convolutions` (the Keras model's strided convs and last layer always XLA's)."""
     if model_config.name == "keras":
         return VAE(KerasEncoder(model_config.latent_dim),
-                   KerasDecoder(model_config.upsample, model_config.decoder_scale))
+                   KerasDecoder(model_config.upsample, model_config.decoder_scale,
+                                convolutions.conv_transpose))
     return VAE(
         ConvEncoder(model_config.latent_dim, tuple(model_config.encoder_widths),
-                    tuple(model_config.encoder_strides), model_config.encoder_dense, conv),
+                    tuple(model_config.encoder_strides), model_config.encoder_dense,
+                    convolutions.conv),
         ConvDecoder(tuple(model_config.decoder_widths), model_config.num_res_blocks,
-                    model_config.upsample, model_config.decoder_scale, conv))
+                    model_config.upsample, model_config.decoder_scale, convolutions.conv,
+                    convolutions.conv_transpose))
 
 
 def init_params(model: VAE, key: jax.Array):

@@ -101,7 +101,7 @@ def build_training_model(config: ml_collections.ConfigDict,
     (train.cpu_conv3x3) unless XLA partitions the step, whose partitioner would gather
     the whole batch on every device for them."""
     kernels = "xla" if dp.partitioned_by_xla else config.train.cpu_conv3x3
-    return models.build_model(config.model, cpu_kernels.conv_for(kernels))
+    return models.build_model(config.model, cpu_kernels.convolutions_for(kernels))
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: models.VAE,

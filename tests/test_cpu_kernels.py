@@ -1,8 +1,10 @@
-"""fvae's CPU kernels for 3x3 convolutions: the convolution and both gradients equal
-XLA's, whatever the channels, batch, vmapping or number of threads."""
+"""fvae's CPU kernels for 3x3 convolutions and stride-2 transposed convolutions: the
+convolution and both gradients equal XLA's (nn.ConvTranspose's), whatever the channels,
+batch, vmapping or number of threads."""
 
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,22 +48,57 @@ def test_convolution_and_gradients_equal_xla(batch, size, c_in, c_out):
                                    atol=1e-5 * float(jnp.abs(reference).max()))
 
 
-def test_vmapped_over_seeds_equals_each_seed():
-    xs, kernels = random((2, 8, 14, 14, 16), 0), random((2, 3, 3, 16, 32), 1, 0.1)
-    dys = random((2, 8, 14, 14, 32), 2)
-    vmapped = jax.vmap(lambda x, k, dy: value_and_grads(cpu_kernels.conv3x3, x, k, dy))(
-        xs, kernels, dys)
+def flax_conv_transpose(x, kernel):
+    return nn.ConvTranspose(kernel.shape[-1], (3, 3), strides=(2, 2), padding="SAME",
+                            use_bias=False).apply({"params": {"kernel": kernel}}, x)
+
+
+@pytest.mark.parametrize("batch,size,c_in,c_out", [
+    (8, 7, 128, 64),  # the study's first upsampling layer...
+    (8, 14, 64, 32),  # ...and its second
+    (13, 5, 16, 48),  # a prime batch; three output tiles of 16
+    (3, 1, 32, 16),  # one pixel: only the taps inside the output
+])
+def test_transposed_convolution_and_gradients_equal_flax(batch, size, c_in, c_out):
+    x, kernel = random((batch, size, size, c_in), 0), random((3, 3, c_in, c_out), 1, 0.1)
+    dy = random((batch, 2 * size, 2 * size, c_out), 2)
+    jaxpr = str(jax.make_jaxpr(lambda x, k: value_and_grads(
+        cpu_kernels.conv_transpose, x, k, dy))(x, kernel))
+    assert "fvae_conv_transpose3x3s2_weight_grad" in jaxpr
+    for ours, reference in zip(value_and_grads(cpu_kernels.conv_transpose, x, kernel, dy),
+                               value_and_grads(flax_conv_transpose, x, kernel, dy)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-4,
+                                   atol=1e-5 * float(jnp.abs(reference).max()))
+
+
+def test_transposed_convolutions_the_kernels_do_not_cover_are_left_to_xla():
+    x, kernel = random((2, 7, 7, 16), 0), random((3, 3, 16, 8), 1)  # 8 out-channels
+    assert "fvae" not in str(jax.make_jaxpr(cpu_kernels.conv_transpose)(x, kernel))
+    np.testing.assert_allclose(cpu_kernels.conv_transpose(x, kernel),
+                               flax_conv_transpose(x, kernel), rtol=1e-5, atol=1e-5)
+    bf16 = x.astype(jnp.bfloat16), kernel[..., :8].astype(jnp.bfloat16).repeat(2, -1)
+    assert "fvae" not in str(jax.make_jaxpr(cpu_kernels.conv_transpose)(*bf16))
+
+
+@pytest.mark.parametrize("conv,reference", [(cpu_kernels.conv3x3, xla_conv),
+                                            (cpu_kernels.conv_transpose, flax_conv_transpose)])
+def test_vmapped_over_seeds_equals_each_seed(conv, reference):
+    xs, kernels = random((2, 8, 7, 7, 16), 0), random((2, 3, 3, 16, 32), 1, 0.1)
+    dys = random((2, *jax.eval_shape(reference, xs[0], kernels[0]).shape), 2)
+    vmapped = jax.vmap(lambda x, k, dy: value_and_grads(conv, x, k, dy))(xs, kernels, dys)
     for seed in range(2):
-        alone = value_and_grads(xla_conv, xs[seed], kernels[seed], dys[seed])
-        for ours, reference in zip(vmapped, alone):
-            np.testing.assert_allclose(ours[seed], reference, rtol=1e-4, atol=1e-4)
+        alone = value_and_grads(reference, xs[seed], kernels[seed], dys[seed])
+        for ours, expected in zip(vmapped, alone):
+            np.testing.assert_allclose(ours[seed], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_results_are_deterministic():
+@pytest.mark.parametrize("conv,dy_size", [(cpu_kernels.conv3x3, 28),
+                                           (cpu_kernels.conv_transpose, 56)])
+def test_results_are_deterministic(conv, dy_size):
     """Threads claim groups of images in any order; each group's sum is one thread's."""
     x, kernel, dy = random((64, 28, 28, 32), 0), random((3, 3, 32, 32), 1), random(
-        (64, 28, 28, 32), 2)
-    first, second = (value_and_grads(cpu_kernels.conv3x3, x, kernel, dy) for _ in range(2))
+        (64, dy_size, dy_size, 32), 2)
+    first, second = (value_and_grads(conv, x, kernel, dy) for _ in range(2))
     assert params_equal(first, second)
 
 
@@ -92,12 +129,13 @@ def test_other_dtypes_and_channel_counts_are_left_to_xla():
 def test_the_model_uses_the_kernels_and_trains_as_with_xla(make_config, tmp_path):
     config = make_config(**{"model.encoder_widths": (8, 16, 16),
                             "model.decoder_widths": (16, 16, 16), "train.num_epochs": 1})
-    model = models.build_model(config.model, cpu_kernels.conv_for("fvae"))
+    model = models.build_model(config.model, cpu_kernels.convolutions_for("fvae"))
     params = models.init_params(model, jax.random.key(0))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: model.apply(
         {"params": p}, jnp.zeros((8, 28, 28, 1)), jax.random.key(1))[0].sum()))(params))
     # encoder Conv_2, the residual block's two convs and the output conv
     assert jaxpr.count("fvae_conv3x3_weight_grad") == 4
+    assert jaxpr.count("fvae_conv_transpose3x3s2_weight_grad") == 2  # the upsampling layers
 
     runs = {}
     for kernels in ("fvae", "xla"):

@@ -1,14 +1,24 @@
-// 3x3, stride-1, 'SAME' convolutions in NHWC layout (float32) for the CPU, as XLA FFI
-// custom calls; fvae.cpu_kernels compiles and registers them. Two kernels:
+// 3x3 convolutions in NHWC layout (float32) for the CPU, as XLA FFI custom calls;
+// fvae.cpu_kernels compiles and registers them. With x zero outside the image:
 //
-//   FvaeConv3x3:           y[n, h, w, o] = sum_{kh, kw, i} x[n, h + kh - 1, w + kw - 1, i]
-//                                                          * k[kh, kw, i, o]
-//   FvaeConv3x3WeightGrad: dk[g, kh, kw, i, o] = sum_{b, h, w} x[g, b, h + kh - 1, w + kw - 1, i]
-//                                                              * dy[g, b, h, w, o]
+//   FvaeConv3x3 (stride 1, 'SAME'):
+//     y[n, h, w, o] = sum_{kh, kw, i} x[n, h + kh - 1, w + kw - 1, i] * k[kh, kw, i, o]
+//   FvaeConv3x3WeightGrad:
+//     dk[g, kh, kw, i, o] = sum_{b, h, w} x[g, b, h + kh - 1, w + kw - 1, i] * dy[g, b, h, w, o]
 //
-// with x zero outside the image. n and g run over every leading dimension. The weight
-// gradient gets the batch in groups of a few images and returns one partial sum per
-// group, which XLA adds up: the result does not depend on the number of threads.
+//   FvaeConvTranspose3x3s2 (stride 2, 'SAME', nn.ConvTranspose's convention): each
+//   input pixel (h, w) adds x[h, w] * k[kh, kw] to output pixel (2h + 2 - kh, 2w + 2 - kw)
+//     y[n, 2h + 2 - kh, 2w + 2 - kw, o] += x[n, h, w, i] * k[kh, kw, i, o]
+//   FvaeConvTranspose3x3s2InputGrad, with kt = k transposed to (3, 3, O, I):
+//     dx[n, h, w, i] = sum_{kh, kw, o} dy[n, 2h + 2 - kh, 2w + 2 - kw, o] * kt[kh, kw, o, i]
+//   FvaeConvTranspose3x3s2WeightGrad:
+//     dk[g, kh, kw, i, o] = sum_{b, h, w} x[g, b, h, w, i] * dy[g, b, 2h + 2 - kh, 2w + 2 - kw, o]
+//
+// n and g run over every leading dimension. The weight gradients get the batch in
+// groups of a few images and return one partial sum per group, which XLA adds up: the
+// result does not depend on the number of threads. The transposed convolution computes
+// only the taps each output pixel uses (a quarter of its pixels use one, half two, a
+// quarter four), where the equivalent ordinary 2x2 convolution would multiply zeros too.
 //
 // Why: XLA:CPU (jaxlib 0.10) runs these convolutions' gradients at a third to a half of
 // the machine's peak. Here each output tile stays in registers while it sweeps inputs
@@ -23,6 +33,7 @@
 #include <initializer_list>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -33,6 +44,9 @@ namespace {
 
 constexpr int kLanes = 16;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+template <int N>
+using Int = std::integral_constant<int, N>;
 
 inline Vec Load(const float* p) {
   Vec v;
@@ -66,9 +80,222 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> 
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-struct Image {
-  int64_t height, width, channels;
+// ---------------------------------------------------------------------------------
+// Micro-kernels: a tile of outputs in registers.
+
+// acc[p][j] += sum_{c < C} x[p * x_stride + c] * k[c * k_stride + j * kLanes]: WB pixels
+// of NV * kLanes output channels (the convolutions and the input gradient).
+template <int WB, int NV>
+inline void AccumulatePixels(Vec (&acc)[WB][NV], const float* x, int64_t x_stride,
+                             const float* k, int64_t k_stride, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    Vec kv[NV];
+    for (int j = 0; j < NV; ++j) kv[j] = Load(k + c * k_stride + j * kLanes);
+    for (int p = 0; p < WB; ++p) {
+      const Vec xp = Vec{} + x[p * x_stride + c];
+      for (int j = 0; j < NV; ++j) acc[p][j] += xp * kv[j];
+    }
+  }
+}
+
+template <int WB, int NV>
+inline void StorePixels(const Vec (&acc)[WB][NV], float* y, int64_t y_stride) {
+  for (int p = 0; p < WB; ++p)
+    for (int j = 0; j < NV; ++j) Store(y + p * y_stride + j * kLanes, acc[p][j]);
+}
+
+// Calls tile(Int<WB>(), Int<NV>(), w0, o0) for tiles of WB pixels by NV * kLanes channels
+// that cover a row of `width` pixels and `channels` channels (a multiple of kLanes).
+template <class Tile>
+void ForEachTile(int64_t width, int64_t channels, const Tile& tile) {
+  auto row_part = [&](auto wb, int64_t w0) {
+    int64_t o0 = 0;
+    for (; o0 + 2 * kLanes <= channels; o0 += 2 * kLanes) tile(wb, Int<2>(), w0, o0);
+    if (o0 < channels) tile(wb, Int<1>(), w0, o0);
+  };
+  int64_t w0 = 0;
+  for (; w0 + 14 <= width; w0 += 14) row_part(Int<14>(), w0);
+  for (; w0 + 7 <= width; w0 += 7) row_part(Int<7>(), w0);
+  for (; w0 < width; ++w0) row_part(Int<1>(), w0);
+}
+
+// A run of n pixels of one row of x paired with n pixels of dy, for a weight gradient.
+struct Run {
+  const float* x;  // channel 0 of the first x pixel
+  const float* dy;  // channel 0 of the first dy pixel
+  int64_t n;
 };
+
+// dk[i, o] += sum over runs and their pixels p of run.x[p * x_stride + i] *
+// run.dy[p * dy_stride + o], for one kernel tap dk (C, O): rank-one updates of a
+// CI x (NV * kLanes) tile held in registers.
+template <int CI, int NV>
+void WeightGradTile(const std::vector<Run>& runs, int64_t x_stride, int64_t dy_stride,
+                    int64_t O, float* dk, int64_t i0, int64_t o0) {
+  float* out = dk + i0 * O + o0;
+  Vec acc[CI][NV];
+  for (int i = 0; i < CI; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = Load(out + i * O + j * kLanes);
+  for (const Run& run : runs) {
+    const float* a = run.x + i0;
+    const float* g = run.dy + o0;
+    for (int64_t p = 0; p < run.n; ++p) {
+      Vec gv[NV];
+      for (int j = 0; j < NV; ++j) gv[j] = Load(g + p * dy_stride + j * kLanes);
+      for (int i = 0; i < CI; ++i) {
+        const Vec ai = Vec{} + a[p * x_stride + i];
+        for (int j = 0; j < NV; ++j) acc[i][j] += ai * gv[j];
+      }
+    }
+  }
+  for (int i = 0; i < CI; ++i)
+    for (int j = 0; j < NV; ++j) Store(out + i * O + j * kLanes, acc[i][j]);
+}
+
+void AddWeightGrad(const std::vector<Run>& runs, int64_t x_stride, int64_t dy_stride,
+                   int64_t C, int64_t O, float* dk) {
+  constexpr int kCi = 8;  // 8 x 32 accumulators
+  auto in_channels = [&](auto ci, int64_t i0) {
+    int64_t o0 = 0;
+    for (; o0 + 2 * kLanes <= O; o0 += 2 * kLanes)
+      WeightGradTile<decltype(ci)::value, 2>(runs, x_stride, dy_stride, O, dk, i0, o0);
+    if (o0 < O) WeightGradTile<decltype(ci)::value, 1>(runs, x_stride, dy_stride, O, dk, i0, o0);
+  };
+  int64_t i0 = 0;
+  for (; i0 + kCi <= C; i0 += kCi) in_channels(Int<kCi>(), i0);
+  for (; i0 < C; ++i0) in_channels(Int<1>(), i0);
+}
+
+constexpr int64_t kRowsPerBlock = 4;  // rows of x (and dy) a weight-gradient pass keeps in L1
+
+// A copy of an H x W x C image inside a zero border: `top` rows above, `left` columns
+// to its left, up to `bottom` rows below and `right` columns to its right.
+const float* Padded(const float* x, int64_t H, int64_t W, int64_t C, int top, int bottom,
+                    int left, int right) {
+  thread_local std::vector<float> padded;
+  const int64_t width = W + left + right;
+  padded.assign((H + top + bottom) * width * C, 0.0f);
+  for (int64_t h = 0; h < H; ++h)
+    std::memcpy(&padded[((h + top) * width + left) * C], x + h * W * C, W * C * sizeof(float));
+  return padded.data();
+}
+
+// ---------------------------------------------------------------------------------
+// The 3x3, stride-1 convolution, one image; O % 16 == 0.
+
+void Conv3x3Image(int64_t H, int64_t W, int64_t C, int64_t O, const float* x,
+                  const float* k, float* y) {
+  const float* padded = Padded(x, H, W, C, 1, 1, 1, 1);
+  const int64_t padded_width = W + 2;
+  for (int64_t h = 0; h < H; ++h)
+    ForEachTile(W, O, [&](auto wb, auto nv, int64_t w0, int64_t o0) {
+      Vec acc[decltype(wb)::value][decltype(nv)::value] = {};
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw)
+          AccumulatePixels(acc, padded + ((h + kh) * padded_width + w0 + kw) * C, C,
+                           k + (kh * 3 + kw) * C * O + o0, O, C);
+      StorePixels(acc, y + (h * W + w0) * O + o0, O);
+    });
+}
+
+// dk (3, 3, C, O) of a group of images; O % 16 == 0.
+void Conv3x3WeightGradGroup(int64_t images, int64_t H, int64_t W, int64_t C, int64_t O,
+                            const float* x, const float* dy, float* dk) {
+  std::fill(dk, dk + 9 * C * O, 0.0f);
+  std::vector<Run> runs;
+  for (int64_t b = 0; b < images; ++b) {
+    const float* xb = x + b * H * W * C;
+    const float* dyb = dy + b * H * W * O;
+    for (int64_t h0 = 0; h0 < H; h0 += kRowsPerBlock)
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw) {
+          runs.clear();
+          const int64_t w_begin = kw == 0 ? 1 : 0, w_end = kw == 2 ? W - 1 : W;
+          for (int64_t h = h0; h < std::min(h0 + kRowsPerBlock, H); ++h) {
+            const int64_t row = h + kh - 1;
+            if (row >= 0 && row < H)
+              runs.push_back({xb + (row * W + w_begin + kw - 1) * C, dyb + (h * W + w_begin) * O,
+                              w_end - w_begin});
+          }
+          AddWeightGrad(runs, C, O, C, O, dk + (kh * 3 + kw) * C * O);
+        }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// The 3x3, stride-2 transposed convolution. Along each axis, output 2i + r takes input
+// i + offset through kernel tap `tap`, for the taps of its phase r:
+//   r = 0: (offset -1, tap 0) and (offset 0, tap 2);   r = 1: (offset 0, tap 1).
+struct Tap {
+  int offset, tap;
+};
+constexpr Tap kPhaseTaps[2][2] = {{{-1, 0}, {0, 2}}, {{0, 1}, {0, 1}}};
+constexpr int kPhaseTapCount[2] = {2, 1};
+
+// One image x (H, W, C) -> y (2H, 2W, O); O % 16 == 0.
+void ConvTransposeImage(int64_t H, int64_t W, int64_t C, int64_t O, const float* x,
+                        const float* k, float* y) {
+  const float* padded = Padded(x, H, W, C, 1, 0, 1, 0);  // offset -1 reads the border
+  const int64_t padded_width = W + 1;
+  for (int64_t h = 0; h < H; ++h)
+    for (int r = 0; r < 2; ++r)
+      for (int c = 0; c < 2; ++c)
+        ForEachTile(W, O, [&](auto wb, auto nv, int64_t w0, int64_t o0) {
+          Vec acc[decltype(wb)::value][decltype(nv)::value] = {};
+          for (int a = 0; a < kPhaseTapCount[r]; ++a)
+            for (int b = 0; b < kPhaseTapCount[c]; ++b) {
+              const Tap row = kPhaseTaps[r][a], col = kPhaseTaps[c][b];
+              AccumulatePixels(
+                  acc, padded + ((h + row.offset + 1) * padded_width + w0 + col.offset + 1) * C,
+                  C, k + (row.tap * 3 + col.tap) * C * O + o0, O, C);
+            }
+          StorePixels(acc, y + ((2 * h + r) * 2 * W + 2 * w0 + c) * O + o0, 2 * O);
+        });
+}
+
+// One image's dx (H, W, C) from dy (2H, 2W, O) and kt (3, 3, O, C); C % 16 == 0.
+void ConvTransposeInputGradImage(int64_t H, int64_t W, int64_t C, int64_t O,
+                                 const float* dy, const float* kt, float* dx) {
+  // 2h + 2 - kh reaches one row (and column) past dy's end
+  const float* padded = Padded(dy, 2 * H, 2 * W, O, 0, 1, 0, 1);
+  const int64_t padded_width = 2 * W + 1;
+  for (int64_t h = 0; h < H; ++h)
+    ForEachTile(W, C, [&](auto wb, auto nv, int64_t w0, int64_t c0) {
+      Vec acc[decltype(wb)::value][decltype(nv)::value] = {};
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw)
+          AccumulatePixels(acc, padded + ((2 * h + 2 - kh) * padded_width + 2 * w0 + 2 - kw) * O,
+                           2 * O, kt + (kh * 3 + kw) * O * C + c0, C, O);
+      StorePixels(acc, dx + (h * W + w0) * C + c0, C);
+    });
+}
+
+// dk (3, 3, C, O) of a group of images x (H, W, C), dy (2H, 2W, O); O % 16 == 0.
+void ConvTransposeWeightGradGroup(int64_t images, int64_t H, int64_t W, int64_t C,
+                                  int64_t O, const float* x, const float* dy, float* dk) {
+  std::fill(dk, dk + 9 * C * O, 0.0f);
+  std::vector<Run> runs;
+  for (int64_t b = 0; b < images; ++b) {
+    const float* xb = x + b * H * W * C;
+    const float* dyb = dy + b * 4 * H * W * O;
+    for (int64_t h0 = 0; h0 < H; h0 += kRowsPerBlock)
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw) {
+          runs.clear();
+          // tap 0 of the last row (column) would reach past dy's end
+          const int64_t w_end = kw == 0 ? W - 1 : W;
+          for (int64_t h = h0; h < std::min(h0 + kRowsPerBlock, H); ++h) {
+            const int64_t row = 2 * h + 2 - kh;
+            if (row < 2 * H)
+              runs.push_back({xb + h * W * C, dyb + (row * 2 * W + 2 - kw) * O, w_end});
+          }
+          AddWeightGrad(runs, C, 2 * O, C, O, dk + (kh * 3 + kw) * C * O);
+        }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// FFI handlers.
 
 using Dims = ffi::Span<const int64_t>;
 
@@ -86,180 +313,133 @@ int64_t ItemCount(std::initializer_list<Dims> buffers, size_t trailing) {
   return count;
 }
 
-// ---------------------------------------------------------------------------------
-// Convolution.
+using Shape = std::vector<int64_t>;
 
-// Output pixels [w0, w0 + WB) of row h, channels [o0, o0 + NV * kLanes), from an image
-// padded by one pixel on every side.
-template <int WB, int NV>
-void ConvTile(const Image& in, int64_t out_channels, const float* padded, const float* k,
-              float* y, int64_t h, int64_t w0, int64_t o0) {
-  const int64_t C = in.channels, O = out_channels, padded_width = in.width + 2;
-  Vec acc[WB][NV] = {};
-  for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw) {
-      const float* xs = padded + ((h + kh) * padded_width + w0 + kw) * C;
-      const float* ks = k + (kh * 3 + kw) * C * O + o0;
-      for (int64_t c = 0; c < C; ++c) {
-        Vec kv[NV];
-        for (int j = 0; j < NV; ++j) kv[j] = Load(ks + c * O + j * kLanes);
-        for (int i = 0; i < WB; ++i) {
-          const Vec xi = Vec{} + xs[i * C + c];
-          for (int j = 0; j < NV; ++j) acc[i][j] += xi * kv[j];
-        }
-      }
-    }
-  for (int i = 0; i < WB; ++i)
-    for (int j = 0; j < NV; ++j) Store(y + (h * in.width + w0 + i) * O + o0 + j * kLanes, acc[i][j]);
+// The last `n` dimensions of dims (which has at least n).
+Shape Last(Dims dims, size_t n) { return Shape(dims.end() - n, dims.end()); }
+
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Result = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error Mismatch(const char* name) {
+  return ffi::Error::InvalidArgument(std::string(name) +
+                                     ": the operands' shapes disagree, or a channel count that "
+                                     "must be a multiple of 16 is not");
 }
 
-template <int WB>
-void ConvTiles(const Image& in, int64_t O, const float* padded, const float* k, float* y,
-               int64_t h, int64_t w0) {
-  int64_t o0 = 0;
-  for (; o0 + 2 * kLanes <= O; o0 += 2 * kLanes) ConvTile<WB, 2>(in, O, padded, k, y, h, w0, o0);
-  if (o0 < O) ConvTile<WB, 1>(in, O, padded, k, y, h, w0, o0);
-}
-
-// One image; out_channels % 16 == 0.
-void ConvImage(const Image& in, int64_t O, const float* x, const float* k, float* y) {
-  const int64_t C = in.channels, H = in.height, W = in.width;
-  thread_local std::vector<float> padded;
-  padded.assign((H + 2) * (W + 2) * C, 0.0f);
-  for (int64_t h = 0; h < H; ++h)
-    std::memcpy(&padded[((h + 1) * (W + 2) + 1) * C], x + h * W * C, W * C * sizeof(float));
-  for (int64_t h = 0; h < H; ++h) {
-    int64_t w0 = 0;
-    for (; w0 + 14 <= W; w0 += 14) ConvTiles<14>(in, O, padded.data(), k, y, h, w0);
-    for (; w0 + 7 <= W; w0 += 7) ConvTiles<7>(in, O, padded.data(), k, y, h, w0);
-    for (; w0 < W; ++w0) ConvTiles<1>(in, O, padded.data(), k, y, h, w0);
-  }
-}
-
-ffi::Error Conv3x3Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                       ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
-  const int64_t images = ItemCount({xd, yd}, 3);
-  if (images < 0 || kd.size() != 4)
-    return ffi::Error::InvalidArgument(
-        "conv3x3: x and y need the same rank >= 3 and batch dimensions, k rank 4");
-  const size_t rank = xd.size();
-  const Image in{xd[rank - 3], xd[rank - 2], xd[rank - 1]};
-  const int64_t O = kd[3];
-  if (kd[0] != 3 || kd[1] != 3 || kd[2] != in.channels || yd[rank - 3] != in.height ||
-      yd[rank - 2] != in.width || yd[rank - 1] != O)
-    return ffi::Error::InvalidArgument("conv3x3: shapes of x, k and y disagree");
-  if (O % kLanes != 0)
-    return ffi::Error::InvalidArgument("conv3x3: needs out_channels % 16 == 0");
-  const float* xp = x.typed_data();
+// For every image: out (..., H', W', O) = compute(in (..., H, W, C), k (3, 3, ., .)), after
+// valid(in, out, k) (their last 3, 3 and 4 dimensions) has accepted the shapes.
+template <class Valid, class Compute>
+ffi::Error PerImage(const char* name, ffi::ThreadPool& pool, F32& in, F32& k, F32Result& out,
+                    const Valid& valid, const Compute& compute) {
+  auto ind = in.dimensions(), kd = k.dimensions(), outd = out->dimensions();
+  const int64_t images = ItemCount({ind, outd}, 3);
+  if (images < 0 || kd.size() != 4) return Mismatch(name);
+  const Shape i = Last(ind, 3), o = Last(outd, 3), ks = Last(kd, 4);
+  if (!valid(i, o, ks)) return Mismatch(name);
+  const float* inp = in.typed_data();
   const float* kp = k.typed_data();
-  float* yp = y->typed_data();
-  const int64_t x_size = in.height * in.width * in.channels, y_size = in.height * in.width * O;
-  ParallelFor(pool, images, [&](int64_t n) { ConvImage(in, O, xp + n * x_size, kp, yp + n * y_size); });
-  return ffi::Error::Success();
-}
-
-// ---------------------------------------------------------------------------------
-// Weight gradient.
-
-// Adds tap (kh, kw)'s contribution of image rows [h0, h1) of one image to the
-// CI x (NV * kLanes) block of dk at (i0, o0): rank-one updates whose accumulators
-// stay in registers.
-template <int CI, int NV>
-void WeightGradTile(const Image& in, int64_t O, const float* x, const float* dy, float* dk,
-                    int kh, int kw, int64_t i0, int64_t o0, int64_t h0, int64_t h1) {
-  const int64_t C = in.channels, W = in.width;
-  float* out = dk + ((kh * 3 + kw) * C + i0) * O + o0;
-  Vec acc[CI][NV];
-  for (int i = 0; i < CI; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = Load(out + i * O + j * kLanes);
-  const int64_t w_begin = kw == 0 ? 1 : 0, w_end = kw == 2 ? W - 1 : W;
-  for (int64_t h = h0; h < h1; ++h) {
-    const int64_t row = h + kh - 1;
-    if (row < 0 || row >= in.height) continue;
-    const float* x_row = x + (row * W + kw - 1) * C + i0;
-    const float* dy_row = dy + h * W * O + o0;
-    for (int64_t w = w_begin; w < w_end; ++w) {
-      Vec g[NV];
-      for (int j = 0; j < NV; ++j) g[j] = Load(dy_row + w * O + j * kLanes);
-      const float* a = x_row + w * C;
-      for (int i = 0; i < CI; ++i) {
-        const Vec ai = Vec{} + a[i];
-        for (int j = 0; j < NV; ++j) acc[i][j] += ai * g[j];
-      }
-    }
-  }
-  for (int i = 0; i < CI; ++i)
-    for (int j = 0; j < NV; ++j) Store(out + i * O + j * kLanes, acc[i][j]);
-}
-
-template <int CI>
-void WeightGradTiles(const Image& in, int64_t O, const float* x, const float* dy, float* dk,
-                     int kh, int kw, int64_t i0, int64_t h0, int64_t h1) {
-  int64_t o0 = 0;
-  for (; o0 + 2 * kLanes <= O; o0 += 2 * kLanes)
-    WeightGradTile<CI, 2>(in, O, x, dy, dk, kh, kw, i0, o0, h0, h1);
-  if (o0 < O) WeightGradTile<CI, 1>(in, O, x, dy, dk, kh, kw, i0, o0, h0, h1);
-}
-
-// dk (3, 3, C, O) of a group of images; O % 16 == 0.
-void WeightGradOfGroup(const Image& in, int64_t images, int64_t O, const float* x,
-                       const float* dy, float* dk) {
-  constexpr int kCi = 8, kRows = 4;  // 8 x 32 accumulators; a few rows fit in L1
-  const int64_t C = in.channels, HW = in.height * in.width;
-  std::fill(dk, dk + 9 * C * O, 0.0f);
-  for (int64_t b = 0; b < images; ++b) {
-    const float* xb = x + b * HW * C;
-    const float* dyb = dy + b * HW * O;
-    for (int64_t h0 = 0; h0 < in.height; h0 += kRows) {
-      const int64_t h1 = std::min(h0 + kRows, in.height);
-      for (int kh = 0; kh < 3; ++kh)
-        for (int kw = 0; kw < 3; ++kw) {
-          int64_t i0 = 0;
-          for (; i0 + kCi <= C; i0 += kCi) WeightGradTiles<kCi>(in, O, xb, dyb, dk, kh, kw, i0, h0, h1);
-          for (; i0 < C; ++i0) WeightGradTiles<1>(in, O, xb, dyb, dk, kh, kw, i0, h0, h1);
-        }
-    }
-  }
-}
-
-ffi::Error Conv3x3WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                 ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
-  auto xd = x.dimensions(), dyd = dy.dimensions(), dkd = dk->dimensions();
-  const int64_t groups = ItemCount({xd, dyd, dkd}, 4);
-  if (groups < 0)
-    return ffi::Error::InvalidArgument(
-        "conv3x3_weight_grad: x, dy and dk need the same rank >= 4 and group dimensions");
-  const size_t rank = xd.size();
-  const Image in{xd[rank - 3], xd[rank - 2], xd[rank - 1]};
-  const int64_t images = xd[rank - 4], O = dyd[rank - 1];
-  if (dyd[rank - 4] != images || dyd[rank - 3] != in.height || dyd[rank - 2] != in.width ||
-      dkd[rank - 4] != 3 || dkd[rank - 3] != 3 || dkd[rank - 2] != in.channels ||
-      dkd[rank - 1] != O)
-    return ffi::Error::InvalidArgument("conv3x3_weight_grad: shapes of x, dy and dk disagree");
-  if (O % kLanes != 0)
-    return ffi::Error::InvalidArgument("conv3x3_weight_grad: needs out_channels % 16 == 0");
-  const float* xp = x.typed_data();
-  const float* dyp = dy.typed_data();
-  float* dkp = dk->typed_data();
-  const int64_t x_size = images * in.height * in.width * in.channels;
-  const int64_t dy_size = images * in.height * in.width * O, dk_size = 9 * in.channels * O;
-  ParallelFor(pool, groups, [&](int64_t g) {
-    WeightGradOfGroup(in, images, O, xp + g * x_size, dyp + g * dy_size, dkp + g * dk_size);
+  float* outp = out->typed_data();
+  const int64_t in_size = i[0] * i[1] * i[2], out_size = o[0] * o[1] * o[2];
+  ParallelFor(pool, images, [&](int64_t n) {
+    compute(i, o, inp + n * in_size, kp, outp + n * out_size);
   });
   return ffi::Error::Success();
 }
 
-// Both handlers: XLA's thread pool, two float32 operands, one float32 result.
+// For every group of images: the partial weight gradient dk (..., 3, 3, C, O) =
+// compute(x (..., B, H, W, C), dy (..., B, H', W', O)), after valid(x, dy) (their last
+// 4 dimensions) has accepted H', W'.
+template <class Valid, class Compute>
+ffi::Error PerGroup(const char* name, ffi::ThreadPool& pool, F32& x, F32& dy, F32Result& dk,
+                    const Valid& valid, const Compute& compute) {
+  auto xd = x.dimensions(), dyd = dy.dimensions(), dkd = dk->dimensions();
+  const int64_t groups = ItemCount({xd, dyd, dkd}, 4);
+  if (groups < 0) return Mismatch(name);
+  const Shape xs = Last(xd, 4), dys = Last(dyd, 4), dks = Last(dkd, 4);
+  if (!valid(xs, dys) || dks[0] != 3 || dks[1] != 3 || dks[2] != xs[3] ||
+      dks[3] != dys[3] || dys[0] != xs[0] || dys[3] % kLanes != 0)
+    return Mismatch(name);
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  float* dkp = dk->typed_data();
+  const int64_t x_size = xs[0] * xs[1] * xs[2] * xs[3];
+  const int64_t dy_size = dys[0] * dys[1] * dys[2] * dys[3], dk_size = 9 * xs[3] * dys[3];
+  ParallelFor(pool, groups, [&](int64_t g) {
+    compute(xs, dys, xp + g * x_size, dyp + g * dy_size, dkp + g * dk_size);
+  });
+  return ffi::Error::Success();
+}
+
+// Whether k (3, 3, C, O) maps x (H, W, C) to y (scale * H, scale * W, O), O % 16 == 0.
+bool MapsImage(const Shape& x, const Shape& y, const Shape& k, int64_t scale) {
+  return k[0] == 3 && k[1] == 3 && k[2] == x[2] && y[0] == scale * x[0] &&
+         y[1] == scale * x[1] && y[2] == k[3] && k[3] % kLanes == 0;
+}
+
+ffi::Error Conv3x3(ffi::ThreadPool pool, F32 x, F32 k, F32Result y) {
+  return PerImage(
+      "conv3x3", pool, x, k, y,
+      [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 1); },
+      [](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp) {
+        Conv3x3Image(x[0], x[1], x[2], y[2], xp, kp, yp);
+      });
+}
+
+ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, F32 x, F32 dy, F32Result dk) {
+  return PerGroup(
+      "conv3x3_weight_grad", pool, x, dy, dk,
+      [](const Shape& x, const Shape& dy) {
+        return dy[1] == x[1] && dy[2] == x[2];
+      },
+      [](const Shape& x, const Shape& dy, const float* xp, const float* dyp, float* dkp) {
+        Conv3x3WeightGradGroup(x[0], x[1], x[2], x[3], dy[3], xp, dyp, dkp);
+      });
+}
+
+ffi::Error ConvTranspose(ffi::ThreadPool pool, F32 x, F32 k, F32Result y) {
+  return PerImage(
+      "conv_transpose3x3s2", pool, x, k, y,
+      [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 2); },
+      [](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp) {
+        ConvTransposeImage(x[0], x[1], x[2], y[2], xp, kp, yp);
+      });
+}
+
+// kt (3, 3, O, C) maps dy (2H, 2W, O) to dx (H, W, C) as the transpose of k (3, 3, C, O)
+// maps dx to dy.
+ffi::Error ConvTransposeInputGrad(ffi::ThreadPool pool, F32 dy, F32 kt, F32Result dx) {
+  return PerImage(
+      "conv_transpose3x3s2_input_grad", pool, dy, kt, dx,
+      [](const Shape& dy, const Shape& dx, const Shape& kt) {
+        return MapsImage(dx, dy, {3, 3, kt[3], kt[2]}, 2) && kt[0] == 3 && kt[1] == 3 &&
+               kt[3] % kLanes == 0;
+      },
+      [](const Shape& dy, const Shape& dx, const float* dyp, const float* ktp, float* dxp) {
+        ConvTransposeInputGradImage(dx[0], dx[1], dx[2], dy[2], dyp, ktp, dxp);
+      });
+}
+
+ffi::Error ConvTransposeWeightGrad(ffi::ThreadPool pool, F32 x, F32 dy, F32Result dk) {
+  return PerGroup(
+      "conv_transpose3x3s2_weight_grad", pool, x, dy, dk,
+      [](const Shape& x, const Shape& dy) {
+        return dy[1] == 2 * x[1] && dy[2] == 2 * x[2];
+      },
+      [](const Shape& x, const Shape& dy, const float* xp, const float* dyp, float* dkp) {
+        ConvTransposeWeightGradGroup(x[0], x[1], x[2], x[3], dy[3], xp, dyp, dkp);
+      });
+}
+
+// Every handler: XLA's thread pool, two float32 operands, one float32 result.
 auto Binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>();
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Ret<F32>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3Impl, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGradImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGrad, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2, ConvTranspose, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2InputGrad, ConvTransposeInputGrad, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2WeightGrad, ConvTransposeWeightGrad, Binding());
