@@ -84,18 +84,39 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> 
 // Micro-kernels: a tile of outputs in registers.
 
 // acc[p][j] += sum_{c < C} x[p * x_stride + c] * k[c * k_stride + j * kLanes]: WB pixels
-// of NV * kLanes output channels (the convolutions and the input gradient).
-template <int WB, int NV>
+// of NV * kLanes output channels (the convolutions and the input gradient). Pixels
+// before `first` and from `end` on are left alone (they would read outside the image).
+template <int WB, int NV, int first = 0, int end = WB>
 inline void AccumulatePixels(Vec (&acc)[WB][NV], const float* x, int64_t x_stride,
                              const float* k, int64_t k_stride, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
     Vec kv[NV];
     for (int j = 0; j < NV; ++j) kv[j] = Load(k + c * k_stride + j * kLanes);
-    for (int p = 0; p < WB; ++p) {
+    for (int p = first; p < end; ++p) {
       const Vec xp = Vec{} + x[p * x_stride + c];
       for (int j = 0; j < NV; ++j) acc[p][j] += xp * kv[j];
     }
   }
+}
+
+// AccumulatePixels for a tile whose first pixel (if skip_first) or last pixel (if
+// skip_last) has its input outside the image: the image is read in place, not copied
+// into a zero border.
+template <int WB, int NV>
+inline void AccumulateInside(Vec (&acc)[WB][NV], bool skip_first, bool skip_last,
+                             const float* x, int64_t x_stride, const float* k,
+                             int64_t k_stride, int64_t C) {
+  if (skip_first)
+    AccumulatePixels<WB, NV, 1, WB>(acc, x, x_stride, k, k_stride, C);
+  else if (skip_last)
+    AccumulatePixels<WB, NV, 0, WB - 1>(acc, x, x_stride, k, k_stride, C);
+  else
+    AccumulatePixels<WB, NV>(acc, x, x_stride, k, k_stride, C);
+}
+
+// Asks for the n floats at x to be brought into cache ahead of their use.
+inline void Prefetch(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(x + i);
 }
 
 template <int WB, int NV>
@@ -168,34 +189,27 @@ void AddWeightGrad(const std::vector<Run>& runs, int64_t x_stride, int64_t dy_st
 
 constexpr int64_t kRowsPerBlock = 4;  // rows of x (and dy) a weight-gradient pass keeps in L1
 
-// A copy of an H x W x C image inside a zero border: `top` rows above, `left` columns
-// to its left, up to `bottom` rows below and `right` columns to its right.
-const float* Padded(const float* x, int64_t H, int64_t W, int64_t C, int top, int bottom,
-                    int left, int right) {
-  thread_local std::vector<float> padded;
-  const int64_t width = W + left + right;
-  padded.assign((H + top + bottom) * width * C, 0.0f);
-  for (int64_t h = 0; h < H; ++h)
-    std::memcpy(&padded[((h + top) * width + left) * C], x + h * W * C, W * C * sizeof(float));
-  return padded.data();
-}
-
 // ---------------------------------------------------------------------------------
 // The 3x3, stride-1 convolution, one image; O % 16 == 0.
 
 void Conv3x3Image(int64_t H, int64_t W, int64_t C, int64_t O, const float* x,
                   const float* k, float* y) {
-  const float* padded = Padded(x, H, W, C, 1, 1, 1, 1);
-  const int64_t padded_width = W + 2;
-  for (int64_t h = 0; h < H; ++h)
+  for (int64_t h = 0; h < H; ++h) {
+    if (h + 2 < H) Prefetch(x + (h + 2) * W * C, W * C);
     ForEachTile(W, O, [&](auto wb, auto nv, int64_t w0, int64_t o0) {
-      Vec acc[decltype(wb)::value][decltype(nv)::value] = {};
-      for (int kh = 0; kh < 3; ++kh)
+      constexpr int WB = decltype(wb)::value;
+      Vec acc[WB][decltype(nv)::value] = {};
+      for (int kh = 0; kh < 3; ++kh) {
+        const int64_t row = h + kh - 1;
+        if (row < 0 || row >= H) continue;
         for (int kw = 0; kw < 3; ++kw)
-          AccumulatePixels(acc, padded + ((h + kh) * padded_width + w0 + kw) * C, C,
-                           k + (kh * 3 + kw) * C * O + o0, O, C);
+          AccumulateInside(acc, kw == 0 && w0 == 0, kw == 2 && w0 + WB == W,
+                           x + (row * W + w0 + kw - 1) * C, C, k + (kh * 3 + kw) * C * O + o0,
+                           O, C);
+      }
       StorePixels(acc, y + (h * W + w0) * O + o0, O);
     });
+  }
 }
 
 // dk (3, 3, C, O) of a group of images; O % 16 == 0.
@@ -206,7 +220,11 @@ void Conv3x3WeightGradGroup(int64_t images, int64_t H, int64_t W, int64_t C, int
   for (int64_t b = 0; b < images; ++b) {
     const float* xb = x + b * H * W * C;
     const float* dyb = dy + b * H * W * O;
-    for (int64_t h0 = 0; h0 < H; h0 += kRowsPerBlock)
+    for (int64_t h0 = 0; h0 < H; h0 += kRowsPerBlock) {
+      // the next block's rows (of x, those this block does not read)
+      const int64_t next = std::max<int64_t>(std::min(kRowsPerBlock, H - h0 - kRowsPerBlock), 0);
+      Prefetch(xb + (h0 + kRowsPerBlock + 1) * W * C, std::max<int64_t>(next - 1, 0) * W * C);
+      Prefetch(dyb + (h0 + kRowsPerBlock) * W * O, next * W * O);
       for (int kh = 0; kh < 3; ++kh)
         for (int kw = 0; kw < 3; ++kw) {
           runs.clear();
@@ -219,6 +237,7 @@ void Conv3x3WeightGradGroup(int64_t images, int64_t H, int64_t W, int64_t C, int
           }
           AddWeightGrad(runs, C, O, C, O, dk + (kh * 3 + kw) * C * O);
         }
+    }
   }
 }
 
@@ -235,39 +254,47 @@ constexpr int kPhaseTapCount[2] = {2, 1};
 // One image x (H, W, C) -> y (2H, 2W, O); O % 16 == 0.
 void ConvTransposeImage(int64_t H, int64_t W, int64_t C, int64_t O, const float* x,
                         const float* k, float* y) {
-  const float* padded = Padded(x, H, W, C, 1, 0, 1, 0);  // offset -1 reads the border
-  const int64_t padded_width = W + 1;
-  for (int64_t h = 0; h < H; ++h)
+  for (int64_t h = 0; h < H; ++h) {
+    if (h + 1 < H) Prefetch(x + (h + 1) * W * C, W * C);
     for (int r = 0; r < 2; ++r)
       for (int c = 0; c < 2; ++c)
         ForEachTile(W, O, [&](auto wb, auto nv, int64_t w0, int64_t o0) {
           Vec acc[decltype(wb)::value][decltype(nv)::value] = {};
-          for (int a = 0; a < kPhaseTapCount[r]; ++a)
+          for (int a = 0; a < kPhaseTapCount[r]; ++a) {
+            const Tap row = kPhaseTaps[r][a];
+            if (h + row.offset < 0) continue;
             for (int b = 0; b < kPhaseTapCount[c]; ++b) {
-              const Tap row = kPhaseTaps[r][a], col = kPhaseTaps[c][b];
-              AccumulatePixels(
-                  acc, padded + ((h + row.offset + 1) * padded_width + w0 + col.offset + 1) * C,
-                  C, k + (row.tap * 3 + col.tap) * C * O + o0, O, C);
+              const Tap col = kPhaseTaps[c][b];
+              AccumulateInside(acc, col.offset < 0 && w0 == 0, false,
+                               x + ((h + row.offset) * W + w0 + col.offset) * C, C,
+                               k + (row.tap * 3 + col.tap) * C * O + o0, O, C);
             }
+          }
           StorePixels(acc, y + ((2 * h + r) * 2 * W + 2 * w0 + c) * O + o0, 2 * O);
         });
+  }
 }
 
 // One image's dx (H, W, C) from dy (2H, 2W, O) and kt (3, 3, O, C); C % 16 == 0.
 void ConvTransposeInputGradImage(int64_t H, int64_t W, int64_t C, int64_t O,
                                  const float* dy, const float* kt, float* dx) {
-  // 2h + 2 - kh reaches one row (and column) past dy's end
-  const float* padded = Padded(dy, 2 * H, 2 * W, O, 0, 1, 0, 1);
-  const int64_t padded_width = 2 * W + 1;
-  for (int64_t h = 0; h < H; ++h)
+  for (int64_t h = 0; h < H; ++h) {
+    if (h + 1 < H)  // the rows h + 1 reads that h did not
+      Prefetch(dy + (2 * h + 3) * 2 * W * O, std::min<int64_t>(2, 2 * H - 2 * h - 3) * 2 * W * O);
     ForEachTile(W, C, [&](auto wb, auto nv, int64_t w0, int64_t c0) {
-      Vec acc[decltype(wb)::value][decltype(nv)::value] = {};
-      for (int kh = 0; kh < 3; ++kh)
+      constexpr int WB = decltype(wb)::value;
+      Vec acc[WB][decltype(nv)::value] = {};
+      for (int kh = 0; kh < 3; ++kh) {
+        const int64_t row = 2 * h + 2 - kh;  // past dy's end for tap 0 of the last row
+        if (row >= 2 * H) continue;
         for (int kw = 0; kw < 3; ++kw)
-          AccumulatePixels(acc, padded + ((2 * h + 2 - kh) * padded_width + 2 * w0 + 2 - kw) * O,
-                           2 * O, kt + (kh * 3 + kw) * O * C + c0, C, O);
+          AccumulateInside(acc, false, kw == 0 && w0 + WB == W,
+                           dy + (row * 2 * W + 2 * w0 + 2 - kw) * O, 2 * O,
+                           kt + (kh * 3 + kw) * O * C + c0, C, O);
+      }
       StorePixels(acc, dx + (h * W + w0) * C + c0, C);
     });
+  }
 }
 
 // dk (3, 3, C, O) of a group of images x (H, W, C), dy (2H, 2W, O); O % 16 == 0.
@@ -278,7 +305,11 @@ void ConvTransposeWeightGradGroup(int64_t images, int64_t H, int64_t W, int64_t 
   for (int64_t b = 0; b < images; ++b) {
     const float* xb = x + b * H * W * C;
     const float* dyb = dy + b * 4 * H * W * O;
-    for (int64_t h0 = 0; h0 < H; h0 += kRowsPerBlock)
+    for (int64_t h0 = 0; h0 < H; h0 += kRowsPerBlock) {
+      // the next block's rows
+      const int64_t next = std::max<int64_t>(std::min(kRowsPerBlock, H - h0 - kRowsPerBlock), 0);
+      Prefetch(xb + (h0 + kRowsPerBlock) * W * C, next * W * C);
+      Prefetch(dyb + 2 * (h0 + kRowsPerBlock) * 2 * W * O, 2 * next * 2 * W * O);
       for (int kh = 0; kh < 3; ++kh)
         for (int kw = 0; kw < 3; ++kw) {
           runs.clear();
@@ -291,6 +322,7 @@ void ConvTransposeWeightGradGroup(int64_t images, int64_t H, int64_t W, int64_t 
           }
           AddWeightGrad(runs, C, 2 * O, C, O, dk + (kh * 3 + kw) * C * O);
         }
+    }
   }
 }
 
