@@ -39,12 +39,14 @@ from fvae import configs, models
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "conv3x3.cc"
 TARGETS = {"fvae_conv3x3": "FvaeConv3x3",  # XLA custom-call target: library symbol
            "fvae_conv3x3_weight_grad": "FvaeConv3x3WeightGrad",
+           "fvae_conv3x3_bias_relu": "FvaeConv3x3BiasRelu",
+           "fvae_conv3x3_bias_add_relu": "FvaeConv3x3BiasAddRelu",
            "fvae_conv_transpose3x3s2": "FvaeConvTranspose3x3s2",
            "fvae_conv_transpose3x3s2_input_grad": "FvaeConvTranspose3x3s2InputGrad",
            "fvae_conv_transpose3x3s2_weight_grad": "FvaeConvTranspose3x3s2WeightGrad"}
 GROUP_IMAGES = 8  # images per partial weight gradient: the unit of work of a thread
 LANES = 16  # the kernels' vector width: output channels come in multiples of it
-NHWC = ("NHWC", "HWIO", "NHWC")
+NHWC = models.NHWC
 
 
 def cache_dir() -> pathlib.Path:
@@ -208,6 +210,69 @@ def conv_general_dilated(lhs, rhs, *args, **kwargs) -> jax.Array:
     return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
 
+# The residual blocks' convolutions with their bias, residual and ReLU in one pass.
+
+def _relu_conv3x3_grads(x, kernel, y, dy):
+    """Gradients of y = relu(conv3x3(x, kernel) + bias [+ residual]) for x, kernel,
+    bias and the residual."""
+    dz = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+    return conv3x3_input_grad(dz, kernel), conv3x3_weight_grad(x, dz), dz.sum((0, 1, 2)), dz
+
+
+@jax.custom_vjp
+def conv3x3_bias_relu_fused(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """relu(conv3x3(x, kernel) + bias) by one kernel pass; out-channels a multiple of 16."""
+    return _call("fvae_conv3x3_bias_relu", x.shape[:-1] + kernel.shape[3:], x, kernel, bias,
+                 vmap_method="sequential")
+
+
+def _bias_relu_fwd(x, kernel, bias):
+    y = conv3x3_bias_relu_fused(x, kernel, bias)
+    return y, (x, kernel, y)
+
+
+def _bias_relu_bwd(residuals, dy):
+    return _relu_conv3x3_grads(*residuals, dy)[:3]
+
+
+conv3x3_bias_relu_fused.defvjp(_bias_relu_fwd, _bias_relu_bwd)
+
+
+@jax.custom_vjp
+def conv3x3_bias_add_relu_fused(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                                residual: jax.Array) -> jax.Array:
+    """relu(residual + (conv3x3(x, kernel) + bias)) by one kernel pass."""
+    return _call("fvae_conv3x3_bias_add_relu", x.shape[:-1] + kernel.shape[3:], x, kernel,
+                 bias, residual, vmap_method="sequential")
+
+
+def _bias_add_relu_fwd(x, kernel, bias, residual):
+    y = conv3x3_bias_add_relu_fused(x, kernel, bias, residual)
+    return y, (x, kernel, y)
+
+
+def _bias_add_relu_bwd(residuals, dy):
+    return _relu_conv3x3_grads(*residuals, dy)
+
+
+conv3x3_bias_add_relu_fused.defvjp(_bias_add_relu_fwd, _bias_add_relu_bwd)
+
+
+def conv3x3_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                      residual: jax.Array | None = None) -> jax.Array:
+    """A drop-in for models.conv3x3_bias_relu: one fused kernel pass on the CPU where
+    fvae's kernels cover the convolution and its out-channels are a multiple of 16, else
+    models.conv3x3_bias_relu with `conv_general_dilated`."""
+    if (kernel.shape[3] % LANES == 0 and bias.dtype == jnp.float32
+            and (residual is None or residual.dtype == jnp.float32)
+            and covers(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+            and jax.default_backend() == "cpu" and load()):
+        if residual is None:
+            return conv3x3_bias_relu_fused(x, kernel, bias)
+        return conv3x3_bias_add_relu_fused(x, kernel, bias, residual)
+    return models.conv3x3_bias_relu(x, kernel, bias, residual, conv_general_dilated)
+
+
 # The stride-2 transposed convolution of the decoder's upsampling layers.
 
 def conv_transpose_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -259,5 +324,6 @@ def convolutions_for(choice: str) -> models.Convolutions:
     """The model's convolution functions for train.cpu_conv3x3 ('fvae' or 'xla')."""
     if choice not in configs.CPU_CONV3X3:
         raise ValueError(f"cpu_conv3x3 must be one of {configs.CPU_CONV3X3}, got {choice!r}")
-    return models.Convolutions(conv_general_dilated, conv_transpose) if choice == "fvae" \
-        else models.Convolutions()
+    if choice == "xla":
+        return models.Convolutions()
+    return models.Convolutions(conv_general_dilated, conv_transpose, conv3x3_bias_relu)

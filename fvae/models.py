@@ -22,6 +22,8 @@ IMAGE_SHAPE = (28, 28, 1)
 Shard = tuple[int | jax.Array, int]  # (i, n): part i of n equal parts of a batch
 ConvFn = Callable[..., jax.Array]  # jax.lax.conv_general_dilated or a drop-in for it
 ConvTransposeFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, kernel) -> y
+ConvBiasReluFn = Callable[..., jax.Array]  # (x, kernel, bias, residual=None) -> y
+NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 # Which 3x3 taps feed each output phase of a stride-2 'SAME' transposed conv: for an
@@ -56,8 +58,7 @@ def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
     (without its bias) for x [B, H, W, C] and kernel (3, 3, C, O), computed as one
     ordinary 2x2 conv plus depth-to-space."""
     y = jax.lax.conv_general_dilated(x, phase_kernel(kernel).astype(x.dtype), (1, 1),
-                                     ((1, 0), (1, 0)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                     ((1, 0), (1, 0)), dimension_numbers=NHWC)
     return depth_to_space(y, kernel.shape[-1])
 
 
@@ -115,16 +116,39 @@ def with_shared_scale(module: nn.Module, out: jax.Array, scale: str) -> jax.Arra
                            axis=-1)
 
 
+def conv3x3_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                      residual: jax.Array | None = None,
+                      conv: ConvFn = jax.lax.conv_general_dilated) -> jax.Array:
+    """relu(residual + (conv(x, kernel) + bias)) for a 3x3 'SAME' NHWC conv, as
+    nn.relu(residual + nn.Conv(...)(x)) computes it; no residual if None."""
+    y = conv(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC) + bias
+    return nn.relu(y if residual is None else residual + y)
+
+
+class Conv3x3ReLU(nn.Module):
+    """nn.Conv(features, (3, 3)) (the same parameters and initialisation), then a
+    residual added if one is given, then a ReLU: one function, so that a kernel may
+    compute it in one pass."""
+    features: int
+    conv_bias_relu: ConvBiasReluFn = conv3x3_bias_relu
+
+    @nn.compact
+    def __call__(self, x, residual=None):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return self.conv_bias_relu(x, kernel, bias, residual)
+
+
 class ResBlock(nn.Module):
-    """Two 3x3 convs with a skip connection."""
+    """Two 3x3 convs with a skip connection: relu(x + conv(relu(conv(x))))."""
     width: int
-    conv: ConvFn = jax.lax.conv_general_dilated
+    conv_bias_relu: ConvBiasReluFn = conv3x3_bias_relu
 
     @nn.compact
     def __call__(self, x):
-        h = nn.relu(nn.Conv(self.width, (3, 3), conv_general_dilated=self.conv)(x))
-        h = nn.Conv(self.width, (3, 3), conv_general_dilated=self.conv)(h)
-        return nn.relu(x + h)
+        h = Conv3x3ReLU(self.width, self.conv_bias_relu, name="Conv_0")(x)
+        return Conv3x3ReLU(self.width, self.conv_bias_relu, name="Conv_1")(h, residual=x)
 
 
 class ConvEncoder(nn.Module):
@@ -154,6 +178,7 @@ class ConvDecoder(nn.Module):
     scale: str = "none"  # one of configs.DECODER_SCALES
     conv: ConvFn = jax.lax.conv_general_dilated
     conv_transpose: ConvTransposeFn = subpixel_conv_transpose
+    conv_bias_relu: ConvBiasReluFn = conv3x3_bias_relu
 
     @nn.compact
     def __call__(self, z):
@@ -163,7 +188,7 @@ class ConvDecoder(nn.Module):
             x = nn.relu(upsample(width, self.upsample, f"ConvTranspose_{i}",
                                  self.conv_transpose)(x))
         for _ in range(self.num_res_blocks):
-            x = ResBlock(self.widths[-1], self.conv)(x)
+            x = ResBlock(self.widths[-1], self.conv_bias_relu)(x)
         out = nn.Conv(output_channels(self.scale), (3, 3), conv_general_dilated=self.conv)(x)
         return with_shared_scale(self, out, self.scale)
 
@@ -241,6 +266,7 @@ class Convolutions(NamedTuple):
     fvae.cpu_kernels.convolutions_for gives fvae's CPU kernels (the same functions)."""
     conv: ConvFn = jax.lax.conv_general_dilated
     conv_transpose: ConvTransposeFn = subpixel_conv_transpose
+    conv_bias_relu: ConvBiasReluFn = conv3x3_bias_relu
 
 
 def build_model(model_config: ml_collections.ConfigDict,
@@ -257,7 +283,7 @@ def build_model(model_config: ml_collections.ConfigDict,
                     convolutions.conv),
         ConvDecoder(tuple(model_config.decoder_widths), model_config.num_res_blocks,
                     model_config.upsample, model_config.decoder_scale, convolutions.conv,
-                    convolutions.conv_transpose))
+                    convolutions.conv_transpose, convolutions.conv_bias_relu))
 
 
 def init_params(model: VAE, key: jax.Array):

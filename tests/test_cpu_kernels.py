@@ -48,6 +48,32 @@ def test_convolution_and_gradients_equal_xla(batch, size, c_in, c_out):
                                    atol=1e-5 * float(jnp.abs(reference).max()))
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("batch,size,c_in,c_out", [(8, 28, 32, 32), (5, 7, 16, 48)])
+def test_fused_bias_residual_relu_and_gradients_equal_xla(batch, size, c_in, c_out,
+                                                          with_residual):
+    """relu(residual + (conv + bias)) in one kernel pass: the residual block's convs."""
+    x, kernel = random((batch, size, size, c_in), 0), random((3, 3, c_in, c_out), 1, 0.1)
+    bias, residual = random((c_out,), 2), random((batch, size, size, c_out), 3)
+    dy = random((batch, size, size, c_out), 4)
+
+    def value_and_all_grads(fn):
+        def f(x, k, b, r):
+            return fn(x, k, b, r if with_residual else None)
+        return jax.jit(lambda *args: (f(*args), *jax.grad(
+            lambda *args: jnp.vdot(f(*args), dy), (0, 1, 2, 3))(*args)))(
+            x, kernel, bias, residual)
+
+    ours = value_and_all_grads(cpu_kernels.conv3x3_bias_relu)
+    target = "fvae_conv3x3_bias_add_relu" if with_residual else "fvae_conv3x3_bias_relu"
+    assert target in str(jax.make_jaxpr(cpu_kernels.conv3x3_bias_relu)(
+        x, kernel, bias, residual if with_residual else None))
+    assert float((ours[0] == 0).mean()) > 0.2  # the ReLU clips a good share
+    for ours_part, reference in zip(ours, value_and_all_grads(models.conv3x3_bias_relu)):
+        np.testing.assert_allclose(ours_part, reference, rtol=1e-4,
+                                   atol=1e-5 * float(jnp.abs(reference).max()) + 1e-30)
+
+
 def flax_conv_transpose(x, kernel):
     return nn.ConvTranspose(kernel.shape[-1], (3, 3), strides=(2, 2), padding="SAME",
                             use_bias=False).apply({"params": {"kernel": kernel}}, x)
@@ -136,6 +162,7 @@ def test_the_model_uses_the_kernels_and_trains_as_with_xla(make_config, tmp_path
     # encoder Conv_2, the residual block's two convs and the output conv
     assert jaxpr.count("fvae_conv3x3_weight_grad") == 4
     assert jaxpr.count("fvae_conv_transpose3x3s2_weight_grad") == 2  # the upsampling layers
+    assert jaxpr.count("fvae_conv3x3_bias_relu") == jaxpr.count("fvae_conv3x3_bias_add_relu") == 1
 
     runs = {}
     for kernels in ("fvae", "xla"):

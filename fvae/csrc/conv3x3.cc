@@ -125,6 +125,30 @@ inline void StorePixels(const Vec (&acc)[WB][NV], float* y, int64_t y_stride) {
     for (int j = 0; j < NV; ++j) Store(y + p * y_stride + j * kLanes, acc[p][j]);
 }
 
+// What a convolution does to its output before storing it: y = max(acc + bias[o] +
+// residual[..., o], 0), where bias and residual are optional (null) and the ReLU is
+// applied if `relu`. One pass over the output where XLA would make two or three.
+struct Epilogue {
+  const float* bias = nullptr;  // (O)
+  const float* residual = nullptr;  // shaped like the output
+  bool relu = false;
+};
+
+// StorePixels after the epilogue; y and residual point at the tile's first pixel and
+// channel o0, bias at channel 0.
+template <int WB, int NV>
+inline void StorePixels(Vec (&acc)[WB][NV], float* y, int64_t y_stride, const Epilogue& e,
+                        const float* residual, int64_t o0) {
+  for (int p = 0; p < WB; ++p)
+    for (int j = 0; j < NV; ++j) {
+      Vec v = acc[p][j];
+      if (e.bias) v += Load(e.bias + o0 + j * kLanes);
+      if (residual) v += Load(residual + p * y_stride + j * kLanes);
+      if (e.relu) v = v > 0 ? v : Vec{};
+      Store(y + p * y_stride + j * kLanes, v);
+    }
+}
+
 // Calls tile(Int<WB>(), Int<NV>(), w0, o0) for tiles of WB pixels by NV * kLanes channels
 // that cover a row of `width` pixels and `channels` channels (a multiple of kLanes).
 template <class Tile>
@@ -193,7 +217,7 @@ constexpr int64_t kRowsPerBlock = 4;  // rows of x (and dy) a weight-gradient pa
 // The 3x3, stride-1 convolution, one image; O % 16 == 0.
 
 void Conv3x3Image(int64_t H, int64_t W, int64_t C, int64_t O, const float* x,
-                  const float* k, float* y) {
+                  const float* k, float* y, const Epilogue& epilogue = {}) {
   for (int64_t h = 0; h < H; ++h) {
     if (h + 2 < H) Prefetch(x + (h + 2) * W * C, W * C);
     ForEachTile(W, O, [&](auto wb, auto nv, int64_t w0, int64_t o0) {
@@ -207,7 +231,9 @@ void Conv3x3Image(int64_t H, int64_t W, int64_t C, int64_t O, const float* x,
                            x + (row * W + w0 + kw - 1) * C, C, k + (kh * 3 + kw) * C * O + o0,
                            O, C);
       }
-      StorePixels(acc, y + (h * W + w0) * O + o0, O);
+      const int64_t at = (h * W + w0) * O + o0;
+      StorePixels(acc, y + at, O, epilogue, epilogue.residual ? epilogue.residual + at : nullptr,
+                  o0);
     });
   }
 }
@@ -359,8 +385,8 @@ ffi::Error Mismatch(const char* name) {
                                      "must be a multiple of 16 is not");
 }
 
-// For every image: out (..., H', W', O) = compute(in (..., H, W, C), k (3, 3, ., .)), after
-// valid(in, out, k) (their last 3, 3 and 4 dimensions) has accepted the shapes.
+// For every image n: out (..., H', W', O) = compute(in (..., H, W, C), k (3, 3, ., .)),
+// after valid(in, out, k) (their last 3, 3 and 4 dimensions) has accepted the shapes.
 template <class Valid, class Compute>
 ffi::Error PerImage(const char* name, ffi::ThreadPool& pool, F32& in, F32& k, F32Result& out,
                     const Valid& valid, const Compute& compute) {
@@ -374,7 +400,7 @@ ffi::Error PerImage(const char* name, ffi::ThreadPool& pool, F32& in, F32& k, F3
   float* outp = out->typed_data();
   const int64_t in_size = i[0] * i[1] * i[2], out_size = o[0] * o[1] * o[2];
   ParallelFor(pool, images, [&](int64_t n) {
-    compute(i, o, inp + n * in_size, kp, outp + n * out_size);
+    compute(i, o, inp + n * in_size, kp, outp + n * out_size, n * out_size);
   });
   return ffi::Error::Success();
 }
@@ -413,9 +439,37 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, F32 x, F32 k, F32Result y) {
   return PerImage(
       "conv3x3", pool, x, k, y,
       [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 1); },
-      [](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp) {
+      [](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp, int64_t) {
         Conv3x3Image(x[0], x[1], x[2], y[2], xp, kp, yp);
       });
+}
+
+// relu(conv3x3(x, k) + bias [+ residual]): the residual block's convolutions.
+ffi::Error Conv3x3BiasRelu(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, const float* residual,
+                           Dims residual_dims, F32Result y) {
+  const Dims yd = y->dimensions();
+  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != yd.back() ||
+      (residual && !std::equal(yd.begin(), yd.end(), residual_dims.begin(), residual_dims.end())))
+    return Mismatch("conv3x3_bias_relu");
+  const Epilogue epilogue{bias.typed_data(), nullptr, true};
+  return PerImage(
+      "conv3x3_bias_relu", pool, x, k, y,
+      [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 1); },
+      [&](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp,
+          int64_t offset) {
+        Epilogue image = epilogue;
+        if (residual) image.residual = residual + offset;
+        Conv3x3Image(x[0], x[1], x[2], y[2], xp, kp, yp, image);
+      });
+}
+
+ffi::Error Conv3x3BiasReluNoResidual(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, F32Result y) {
+  return Conv3x3BiasRelu(pool, x, k, bias, nullptr, {}, y);
+}
+
+ffi::Error Conv3x3BiasAddRelu(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, F32 residual,
+                              F32Result y) {
+  return Conv3x3BiasRelu(pool, x, k, bias, residual.typed_data(), residual.dimensions(), y);
 }
 
 ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, F32 x, F32 dy, F32Result dk) {
@@ -433,7 +487,7 @@ ffi::Error ConvTranspose(ffi::ThreadPool pool, F32 x, F32 k, F32Result y) {
   return PerImage(
       "conv_transpose3x3s2", pool, x, k, y,
       [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 2); },
-      [](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp) {
+      [](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp, int64_t) {
         ConvTransposeImage(x[0], x[1], x[2], y[2], xp, kp, yp);
       });
 }
@@ -447,7 +501,8 @@ ffi::Error ConvTransposeInputGrad(ffi::ThreadPool pool, F32 dy, F32 kt, F32Resul
         return MapsImage(dx, dy, {3, 3, kt[3], kt[2]}, 2) && kt[0] == 3 && kt[1] == 3 &&
                kt[3] % kLanes == 0;
       },
-      [](const Shape& dy, const Shape& dx, const float* dyp, const float* ktp, float* dxp) {
+      [](const Shape& dy, const Shape& dx, const float* dyp, const float* ktp, float* dxp,
+         int64_t) {
         ConvTransposeInputGradImage(dx[0], dx[1], dx[2], dy[2], dyp, ktp, dxp);
       });
 }
@@ -472,6 +527,12 @@ auto Binding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGrad, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3BiasRelu, Conv3x3BiasReluNoResidual,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>()
+                                  .Arg<F32>().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3BiasAddRelu, Conv3x3BiasAddRelu,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>()
+                                  .Arg<F32>().Arg<F32>().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2, ConvTranspose, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2InputGrad, ConvTransposeInputGrad, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2WeightGrad, ConvTransposeWeightGrad, Binding());
