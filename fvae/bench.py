@@ -8,6 +8,7 @@
     python -m fvae.bench --cpu-convolutions eigen,xla_default  # XLA:CPU's conv kernels
     python -m fvae.bench --cpu-conv3x3 fvae,xla  # fvae's own conv kernels or XLA's
     python -m fvae.bench --huge-pages true,false          # train.huge_pages (Linux)
+    python -m fvae.bench --reference keras --rounds 3     # median of 3 interleaved rounds
 
 Each configuration runs in its own subprocess (so the number of CPU devices can
 differ and peak memory is that configuration's own) on random uint8 images resident
@@ -15,7 +16,7 @@ on the device, exactly as training does. "Useful" FLOPs count only the multiply-
 of the model as written (a transposed conv's 9 taps per input pixel), whatever
 formulation computes them, times 3 for forward plus backward. Results are printed as
 a table and written as JSON. Timings on shared machines are noisy: compare rows from
-one invocation.
+one invocation, best with --rounds, which interleaves the configurations.
 """
 
 from __future__ import annotations
@@ -210,10 +211,23 @@ def format_table(rows: list[dict[str, Any]], peak: float) -> str:
         if "error" in r:
             out.append(f"{first}error: {r['error'][0][:60]} |" + "|" * 5)
             continue
-        out.append(f"{first}{r['images_per_sec']:.0f} | {r['ms_per_step']:.1f} | "
+        rounds = r.get("rounds_images_per_sec", [])
+        spread = f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
+        out.append(f"{first}{r['images_per_sec']:.0f}{spread} | {r['ms_per_step']:.1f} | "
                    f"{r.get('compile_s', float('nan')):.1f} | {r['peak_memory_mb']:.0f} | "
                    f"{r['useful_gflops']:.1f} | {100 * r['useful_gflops'] / peak:.1f} |")
     return "\n".join(out)
+
+
+def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's result over several rounds: the round with the median
+    images/s (the lower of the middle two for an even count), with every round's
+    images/s in `rounds_images_per_sec`; the first error if no round succeeded."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["images_per_sec"])
+    if not ok:
+        return runs[0]
+    return {**ok[(len(ok) - 1) // 2],
+            "rounds_images_per_sec": [r["images_per_sec"] for r in runs if "error" not in r]}
 
 
 def main(argv=None) -> None:
@@ -241,6 +255,10 @@ def main(argv=None) -> None:
     parser.add_argument("--reference", default="",
                         help="comma-separated: keras, torch, torch_compile (run from the "
                              "repository root; needs tensorflow / torch installed)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every configuration this many times, round-robin, and "
+                             "report the median: on a shared machine, load that comes and "
+                             "goes then falls on all of them alike")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -256,20 +274,23 @@ def main(argv=None) -> None:
     if result.returncode:
         sys.exit(f"measuring the matmul peak failed:\n{result.stderr[-2000:]}")
     peak = json.loads(result.stdout)
-    rows = []
+    specs = []  # (spec, module that times it)
     for model in args.models.split(","):
         for latent in map(int, args.latent_dims.split(",")):
             for batch in map(int, args.batch_sizes.split(",")):
                 base = {"model": model, "latent_dim": latent, "batch_size": batch,
                         "steps": args.steps, "steps_per_dispatch": args.steps_per_dispatch,
                         "num_images": args.num_images}
-                for framework in filter(None, args.reference.split(",")):
-                    rows.append(run_child(reference_spec(framework, base),
-                                          REFERENCE_MODULES[framework]))
-                    print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
-                for spec in jax_specs(base, args):
-                    rows.append(run_child(spec))
-                    print(format_table(rows[-1:], peak).splitlines()[-1], flush=True)
+                specs += [(reference_spec(framework, base), REFERENCE_MODULES[framework])
+                          for framework in filter(None, args.reference.split(","))]
+                specs += [(spec, "fvae.bench") for spec in jax_specs(base, args)]
+    runs = [[] for _ in specs]
+    for round_index in range(args.rounds):
+        for (spec, module), spec_runs in zip(specs, runs):
+            spec_runs.append(run_child(spec, module))
+            line = format_table(spec_runs[-1:], peak).splitlines()[-1]
+            print(f"{line} round {round_index + 1}" if args.rounds > 1 else line, flush=True)
+    rows = [median_round(spec_runs) for spec_runs in runs]
     table = format_table(rows, peak)
     print(f"\nmeasured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
     pathlib.Path(args.out).write_text(json.dumps(

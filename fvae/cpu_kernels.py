@@ -42,6 +42,7 @@ TARGETS = {"fvae_conv3x3": "FvaeConv3x3",  # XLA custom-call target: library sym
            "fvae_conv3x3_bias_relu": "FvaeConv3x3BiasRelu",
            "fvae_conv3x3_bias_add_relu": "FvaeConv3x3BiasAddRelu",
            "fvae_conv_transpose3x3s2": "FvaeConvTranspose3x3s2",
+           "fvae_conv_transpose3x3s2_bias_relu": "FvaeConvTranspose3x3s2BiasRelu",
            "fvae_conv_transpose3x3s2_input_grad": "FvaeConvTranspose3x3s2InputGrad",
            "fvae_conv_transpose3x3s2_weight_grad": "FvaeConvTranspose3x3s2WeightGrad"}
 GROUP_IMAGES = 8  # images per partial weight gradient: the unit of work of a thread
@@ -309,15 +310,44 @@ def _conv_transpose_bwd(residuals, dy):
 conv_transpose3x3s2.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
 
 
-def conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@jax.custom_vjp
+def conv_transpose3x3s2_bias_relu(x: jax.Array, kernel: jax.Array,
+                                  bias: jax.Array) -> jax.Array:
+    """relu(conv_transpose3x3s2(x, kernel) + bias) by one kernel pass."""
+    b, h, w, _ = x.shape
+    return _call("fvae_conv_transpose3x3s2_bias_relu", (b, 2 * h, 2 * w, kernel.shape[3]),
+                 x, kernel, bias, vmap_method="sequential")
+
+
+def _conv_transpose_bias_relu_fwd(x, kernel, bias):
+    y = conv_transpose3x3s2_bias_relu(x, kernel, bias)
+    return y, (x, kernel, y)
+
+
+def _conv_transpose_bias_relu_bwd(residuals, dy):
+    x, kernel, y = residuals
+    dz = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+    return (*_conv_transpose_bwd((x, kernel), dz), dz.sum((0, 1, 2)))
+
+
+conv_transpose3x3s2_bias_relu.defvjp(_conv_transpose_bias_relu_fwd,
+                                     _conv_transpose_bias_relu_bwd)
+
+
+def conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                   relu: bool = False) -> jax.Array:
     """A drop-in for models.subpixel_conv_transpose (a 3x3, stride-2, 'SAME' transposed
-    convolution of NHWC images): by fvae's kernels on the CPU for float32 with in and
-    out channels multiples of 16, else by models.subpixel_conv_transpose."""
-    if (x.ndim == 4 and kernel.shape[:2] == (3, 3) and x.dtype == kernel.dtype == jnp.float32
+    convolution of NHWC images plus bias, then a ReLU if `relu`): by fvae's kernels on
+    the CPU for float32 with in and out channels multiples of 16 (bias and ReLU in the
+    same pass), else by models.subpixel_conv_transpose."""
+    if (x.ndim == 4 and kernel.shape[:2] == (3, 3)
+            and x.dtype == kernel.dtype == bias.dtype == jnp.float32
             and kernel.shape[2] % LANES == 0 and kernel.shape[3] % LANES == 0
             and jax.default_backend() == "cpu" and load()):
-        return conv_transpose3x3s2(x, kernel)
-    return models.subpixel_conv_transpose(x, kernel)
+        if relu:
+            return conv_transpose3x3s2_bias_relu(x, kernel, bias)
+        return conv_transpose3x3s2(x, kernel) + bias
+    return models.subpixel_conv_transpose(x, kernel, bias, relu)
 
 
 def convolutions_for(choice: str) -> models.Convolutions:

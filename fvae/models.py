@@ -21,7 +21,7 @@ IMAGE_SHAPE = (28, 28, 1)
 
 Shard = tuple[int | jax.Array, int]  # (i, n): part i of n equal parts of a batch
 ConvFn = Callable[..., jax.Array]  # jax.lax.conv_general_dilated or a drop-in for it
-ConvTransposeFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, kernel) -> y
+ConvTransposeFn = Callable[..., jax.Array]  # (x, kernel, bias, relu=False) -> y
 ConvBiasReluFn = Callable[..., jax.Array]  # (x, kernel, bias, residual=None) -> y
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -53,29 +53,32 @@ def depth_to_space(y: jax.Array, features: int) -> jax.Array:
     return y.reshape(b, 2 * h, 2 * w, features)
 
 
-def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The convolution of nn.ConvTranspose(O, (3, 3), strides=(2, 2), padding='SAME')
-    (without its bias) for x [B, H, W, C] and kernel (3, 3, C, O), computed as one
-    ordinary 2x2 conv plus depth-to-space."""
+def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                            relu: bool = False) -> jax.Array:
+    """nn.ConvTranspose(O, (3, 3), strides=(2, 2), padding='SAME') with `kernel` (3, 3, C, O)
+    and `bias` applied to x [B, H, W, C], then a ReLU if `relu`; computed as one ordinary
+    2x2 conv plus depth-to-space."""
     y = jax.lax.conv_general_dilated(x, phase_kernel(kernel).astype(x.dtype), (1, 1),
                                      ((1, 0), (1, 0)), dimension_numbers=NHWC)
-    return depth_to_space(y, kernel.shape[-1])
+    y = depth_to_space(y, kernel.shape[-1]) + bias
+    return nn.relu(y) if relu else y
 
 
 class SubpixelConvTranspose(nn.Module):
     """nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding='SAME'), exactly (same
-    parameters, initialisation and outputs). XLA:CPU runs the transposed conv's weight
-    gradient as a slow dilated convolution; `subpixel_conv_transpose` turns it into an
-    ordinary one, and `conv_transpose` may be any function that computes the same."""
+    parameters, initialisation and outputs), then a ReLU if called with relu=True. XLA:CPU
+    runs the transposed conv's weight gradient as a slow dilated convolution;
+    `subpixel_conv_transpose` turns it into an ordinary one, and `conv_transpose` may be
+    any function that computes the same."""
     features: int
     conv_transpose: ConvTransposeFn = subpixel_conv_transpose
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, relu: bool = False):
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return self.conv_transpose(x, kernel.astype(x.dtype)) + bias
+        return self.conv_transpose(x, kernel.astype(x.dtype), bias.astype(x.dtype), relu)
 
 
 class PixelShuffleUpsample(nn.Module):
@@ -89,16 +92,20 @@ class PixelShuffleUpsample(nn.Module):
         return depth_to_space(y, self.features)
 
 
-def upsample(features: int, impl: str, name: str,
-             conv_transpose: ConvTransposeFn = subpixel_conv_transpose) -> nn.Module:
-    """A stride-2 3x3 upsampling layer; every `impl` but pixel_shuffle is exactly
-    nn.ConvTranspose (same parameter names and shapes). `conv_transpose` computes the
-    'subpixel' layer's convolution."""
+def upsample_relu(features: int, impl: str, name: str,
+                  conv_transpose: ConvTransposeFn = subpixel_conv_transpose
+                  ) -> Callable[[jax.Array], jax.Array]:
+    """relu(a stride-2 3x3 upsampling layer(x)); every `impl` but pixel_shuffle is exactly
+    nn.ConvTranspose (same parameter names and shapes). The 'subpixel' layer hands the
+    ReLU to `conv_transpose`, which may compute it in the same pass."""
     if impl == "subpixel":
-        return SubpixelConvTranspose(features, conv_transpose, name=name)
+        layer = SubpixelConvTranspose(features, conv_transpose, name=name)
+        return lambda x: layer(x, relu=True)
     if impl == "pixel_shuffle":
-        return PixelShuffleUpsample(features, name=name)
-    return nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME", name=name)
+        layer = PixelShuffleUpsample(features, name=name)
+    else:
+        layer = nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME", name=name)
+    return lambda x: nn.relu(layer(x))
 
 
 def output_channels(scale: str) -> int:
@@ -185,8 +192,8 @@ class ConvDecoder(nn.Module):
         x = nn.relu(nn.Dense(7 * 7 * self.widths[0])(z))
         x = x.reshape(z.shape[0], 7, 7, self.widths[0])
         for i, width in enumerate(self.widths[1:]):
-            x = nn.relu(upsample(width, self.upsample, f"ConvTranspose_{i}",
-                                 self.conv_transpose)(x))
+            x = upsample_relu(width, self.upsample, f"ConvTranspose_{i}",
+                              self.conv_transpose)(x)
         for _ in range(self.num_res_blocks):
             x = ResBlock(self.widths[-1], self.conv_bias_relu)(x)
         out = nn.Conv(output_channels(self.scale), (3, 3), conv_general_dilated=self.conv)(x)
@@ -215,8 +222,8 @@ class KerasDecoder(nn.Module):
     @nn.compact
     def __call__(self, z):
         x = nn.relu(nn.Dense(7 * 7 * 64)(z)).reshape(z.shape[0], 7, 7, 64)
-        x = nn.relu(upsample(64, self.upsample, "ConvTranspose_0", self.conv_transpose)(x))
-        x = nn.relu(upsample(32, self.upsample, "ConvTranspose_1", self.conv_transpose)(x))
+        x = upsample_relu(64, self.upsample, "ConvTranspose_0", self.conv_transpose)(x)
+        x = upsample_relu(32, self.upsample, "ConvTranspose_1", self.conv_transpose)(x)
         out = nn.ConvTranspose(output_channels(self.scale), (3, 3), padding="SAME",
                                name="ConvTranspose_2")(x)
         return with_shared_scale(self, out, self.scale)

@@ -20,10 +20,11 @@ def xla_conv(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
 
 
-def value_and_grads(conv, x, kernel, dy):
-    """The convolution, and the gradients of <conv(x, kernel), dy> for x and kernel."""
-    return jax.jit(lambda x, k: (conv(x, k), *jax.grad(
-        lambda x, k: jnp.vdot(conv(x, k), dy), (0, 1))(x, k)))(x, kernel)
+def value_and_grads(fn, *args, dy):
+    """fn(*args), and the gradients of <fn(*args), dy> for every argument."""
+    every = tuple(range(len(args)))
+    return jax.jit(lambda *args: (fn(*args), *jax.grad(
+        lambda *args: jnp.vdot(fn(*args), dy), every)(*args)))(*args)
 
 
 def random(shape, seed, scale=1.0):
@@ -42,8 +43,8 @@ def test_convolution_and_gradients_equal_xla(batch, size, c_in, c_out):
     x, kernel = random((batch, size, size, c_in), 0), random((3, 3, c_in, c_out), 1, 0.1)
     dy = random((batch, size, size, c_out), 2)
     assert cpu_kernels.covers(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
-    for ours, reference in zip(value_and_grads(cpu_kernels.conv3x3, x, kernel, dy),
-                               value_and_grads(xla_conv, x, kernel, dy)):
+    for ours, reference in zip(value_and_grads(cpu_kernels.conv3x3, x, kernel, dy=dy),
+                               value_and_grads(xla_conv, x, kernel, dy=dy)):
         np.testing.assert_allclose(ours, reference, rtol=1e-4,
                                    atol=1e-5 * float(jnp.abs(reference).max()))
 
@@ -57,74 +58,81 @@ def test_fused_bias_residual_relu_and_gradients_equal_xla(batch, size, c_in, c_o
     bias, residual = random((c_out,), 2), random((batch, size, size, c_out), 3)
     dy = random((batch, size, size, c_out), 4)
 
-    def value_and_all_grads(fn):
-        def f(x, k, b, r):
-            return fn(x, k, b, r if with_residual else None)
-        return jax.jit(lambda *args: (f(*args), *jax.grad(
-            lambda *args: jnp.vdot(f(*args), dy), (0, 1, 2, 3))(*args)))(
-            x, kernel, bias, residual)
+    def fused(fn):
+        return lambda x, k, b, r: fn(x, k, b, r if with_residual else None)
 
-    ours = value_and_all_grads(cpu_kernels.conv3x3_bias_relu)
+    ours = value_and_grads(fused(cpu_kernels.conv3x3_bias_relu), x, kernel, bias, residual,
+                           dy=dy)
     target = "fvae_conv3x3_bias_add_relu" if with_residual else "fvae_conv3x3_bias_relu"
-    assert target in str(jax.make_jaxpr(cpu_kernels.conv3x3_bias_relu)(
-        x, kernel, bias, residual if with_residual else None))
+    assert target in str(jax.make_jaxpr(fused(cpu_kernels.conv3x3_bias_relu))(
+        x, kernel, bias, residual))
     assert float((ours[0] == 0).mean()) > 0.2  # the ReLU clips a good share
-    for ours_part, reference in zip(ours, value_and_all_grads(models.conv3x3_bias_relu)):
+    for ours_part, reference in zip(ours, value_and_grads(
+            fused(models.conv3x3_bias_relu), x, kernel, bias, residual, dy=dy)):
         np.testing.assert_allclose(ours_part, reference, rtol=1e-4,
                                    atol=1e-5 * float(jnp.abs(reference).max()) + 1e-30)
 
 
-def flax_conv_transpose(x, kernel):
-    return nn.ConvTranspose(kernel.shape[-1], (3, 3), strides=(2, 2), padding="SAME",
-                            use_bias=False).apply({"params": {"kernel": kernel}}, x)
+def flax_conv_transpose(x, kernel, bias=None, relu=False):
+    """nn.ConvTranspose's (3, 3), stride-2, 'SAME' layer, then a ReLU if `relu`."""
+    layer = nn.ConvTranspose(kernel.shape[-1], (3, 3), strides=(2, 2), padding="SAME",
+                             use_bias=bias is not None)
+    y = layer.apply({"params": {"kernel": kernel} | ({} if bias is None else {"bias": bias})}, x)
+    return nn.relu(y) if relu else y
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("batch,size,c_in,c_out", [
     (8, 7, 128, 64),  # the study's first upsampling layer...
     (8, 14, 64, 32),  # ...and its second
     (13, 5, 16, 48),  # a prime batch; three output tiles of 16
     (3, 1, 32, 16),  # one pixel: only the taps inside the output
 ])
-def test_transposed_convolution_and_gradients_equal_flax(batch, size, c_in, c_out):
+def test_transposed_convolution_and_gradients_equal_flax(batch, size, c_in, c_out, relu):
     x, kernel = random((batch, size, size, c_in), 0), random((3, 3, c_in, c_out), 1, 0.1)
-    dy = random((batch, 2 * size, 2 * size, c_out), 2)
-    jaxpr = str(jax.make_jaxpr(lambda x, k: value_and_grads(
-        cpu_kernels.conv_transpose, x, k, dy))(x, kernel))
+    bias, dy = random((c_out,), 2), random((batch, 2 * size, 2 * size, c_out), 3)
+    ours = lambda x, k, b: cpu_kernels.conv_transpose(x, k, b, relu)
+    jaxpr = str(jax.make_jaxpr(lambda *args: value_and_grads(ours, *args, dy=dy))(
+        x, kernel, bias))
     assert "fvae_conv_transpose3x3s2_weight_grad" in jaxpr
-    for ours, reference in zip(value_and_grads(cpu_kernels.conv_transpose, x, kernel, dy),
-                               value_and_grads(flax_conv_transpose, x, kernel, dy)):
-        np.testing.assert_allclose(ours, reference, rtol=1e-4,
+    assert ("fvae_conv_transpose3x3s2_bias_relu" in jaxpr) == relu
+    for ours_part, reference in zip(
+            value_and_grads(ours, x, kernel, bias, dy=dy),
+            value_and_grads(lambda *args: flax_conv_transpose(*args, relu), x, kernel, bias,
+                            dy=dy)):
+        np.testing.assert_allclose(ours_part, reference, rtol=1e-4,
                                    atol=1e-5 * float(jnp.abs(reference).max()))
 
 
 def test_transposed_convolutions_the_kernels_do_not_cover_are_left_to_xla():
-    x, kernel = random((2, 7, 7, 16), 0), random((3, 3, 16, 8), 1)  # 8 out-channels
-    assert "fvae" not in str(jax.make_jaxpr(cpu_kernels.conv_transpose)(x, kernel))
-    np.testing.assert_allclose(cpu_kernels.conv_transpose(x, kernel),
-                               flax_conv_transpose(x, kernel), rtol=1e-5, atol=1e-5)
-    bf16 = x.astype(jnp.bfloat16), kernel[..., :8].astype(jnp.bfloat16).repeat(2, -1)
+    x, kernel, bias = random((2, 7, 7, 16), 0), random((3, 3, 16, 8), 1), random((8,), 2)
+    assert "fvae" not in str(jax.make_jaxpr(cpu_kernels.conv_transpose)(x, kernel, bias))
+    np.testing.assert_allclose(cpu_kernels.conv_transpose(x, kernel, bias, True),
+                               flax_conv_transpose(x, kernel, bias, True), rtol=1e-5, atol=1e-5)
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, kernel.repeat(2, -1), bias.repeat(2))]
     assert "fvae" not in str(jax.make_jaxpr(cpu_kernels.conv_transpose)(*bf16))
 
 
 @pytest.mark.parametrize("conv,reference", [(cpu_kernels.conv3x3, xla_conv),
-                                            (cpu_kernels.conv_transpose, flax_conv_transpose)])
+                                            (cpu_kernels.conv_transpose3x3s2,
+                                             flax_conv_transpose)])
 def test_vmapped_over_seeds_equals_each_seed(conv, reference):
     xs, kernels = random((2, 8, 7, 7, 16), 0), random((2, 3, 3, 16, 32), 1, 0.1)
     dys = random((2, *jax.eval_shape(reference, xs[0], kernels[0]).shape), 2)
-    vmapped = jax.vmap(lambda x, k, dy: value_and_grads(conv, x, k, dy))(xs, kernels, dys)
+    vmapped = jax.vmap(lambda x, k, dy: value_and_grads(conv, x, k, dy=dy))(xs, kernels, dys)
     for seed in range(2):
-        alone = value_and_grads(reference, xs[seed], kernels[seed], dys[seed])
+        alone = value_and_grads(reference, xs[seed], kernels[seed], dy=dys[seed])
         for ours, expected in zip(vmapped, alone):
             np.testing.assert_allclose(ours[seed], expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("conv,dy_size", [(cpu_kernels.conv3x3, 28),
-                                           (cpu_kernels.conv_transpose, 56)])
+                                           (cpu_kernels.conv_transpose3x3s2, 56)])
 def test_results_are_deterministic(conv, dy_size):
     """Threads claim groups of images in any order; each group's sum is one thread's."""
     x, kernel, dy = random((64, 28, 28, 32), 0), random((3, 3, 32, 32), 1), random(
         (64, dy_size, dy_size, 32), 2)
-    first, second = (value_and_grads(conv, x, kernel, dy) for _ in range(2))
+    first, second = (value_and_grads(conv, x, kernel, dy=dy) for _ in range(2))
     assert params_equal(first, second)
 
 
@@ -162,6 +170,7 @@ def test_the_model_uses_the_kernels_and_trains_as_with_xla(make_config, tmp_path
     # encoder Conv_2, the residual block's two convs and the output conv
     assert jaxpr.count("fvae_conv3x3_weight_grad") == 4
     assert jaxpr.count("fvae_conv_transpose3x3s2_weight_grad") == 2  # the upsampling layers
+    assert jaxpr.count("fvae_conv_transpose3x3s2_bias_relu") == 2
     assert jaxpr.count("fvae_conv3x3_bias_relu") == jaxpr.count("fvae_conv3x3_bias_add_relu") == 1
 
     runs = {}

@@ -279,7 +279,7 @@ constexpr int kPhaseTapCount[2] = {2, 1};
 
 // One image x (H, W, C) -> y (2H, 2W, O); O % 16 == 0.
 void ConvTransposeImage(int64_t H, int64_t W, int64_t C, int64_t O, const float* x,
-                        const float* k, float* y) {
+                        const float* k, float* y, const Epilogue& epilogue = {}) {
   for (int64_t h = 0; h < H; ++h) {
     if (h + 1 < H) Prefetch(x + (h + 1) * W * C, W * C);
     for (int r = 0; r < 2; ++r)
@@ -296,7 +296,8 @@ void ConvTransposeImage(int64_t H, int64_t W, int64_t C, int64_t O, const float*
                                k + (row.tap * 3 + col.tap) * C * O + o0, O, C);
             }
           }
-          StorePixels(acc, y + ((2 * h + r) * 2 * W + 2 * w0 + c) * O + o0, 2 * O);
+          StorePixels(acc, y + ((2 * h + r) * 2 * W + 2 * w0 + c) * O + o0, 2 * O, epilogue,
+                      nullptr, o0);
         });
   }
 }
@@ -492,6 +493,19 @@ ffi::Error ConvTranspose(ffi::ThreadPool pool, F32 x, F32 k, F32Result y) {
       });
 }
 
+// relu(conv_transpose(x, k) + bias): the decoder's upsampling layers.
+ffi::Error ConvTransposeBiasRelu(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, F32Result y) {
+  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != y->dimensions().back())
+    return Mismatch("conv_transpose3x3s2_bias_relu");
+  const Epilogue epilogue{bias.typed_data(), nullptr, true};
+  return PerImage(
+      "conv_transpose3x3s2_bias_relu", pool, x, k, y,
+      [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 2); },
+      [&](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp, int64_t) {
+        ConvTransposeImage(x[0], x[1], x[2], y[2], xp, kp, yp, epilogue);
+      });
+}
+
 // kt (3, 3, O, C) maps dy (2H, 2W, O) to dx (H, W, C) as the transpose of k (3, 3, C, O)
 // maps dx to dy.
 ffi::Error ConvTransposeInputGrad(ffi::ThreadPool pool, F32 dy, F32 kt, F32Result dx) {
@@ -518,21 +532,22 @@ ffi::Error ConvTransposeWeightGrad(ffi::ThreadPool pool, F32 x, F32 dy, F32Resul
       });
 }
 
-// Every handler: XLA's thread pool, two float32 operands, one float32 result.
-auto Binding() {
-  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Ret<F32>();
-}
+// Every handler: XLA's thread pool, two float32 operands (and the epilogue's bias and
+// residual), one float32 result.
+auto Operands() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>(); }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGrad, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3, Operands().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGrad, Operands().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3BiasRelu, Conv3x3BiasReluNoResidual,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>().Ret<F32>());
+                              Operands().Arg<F32>().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3BiasAddRelu, Conv3x3BiasAddRelu,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>().Arg<F32>().Ret<F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2, ConvTranspose, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2InputGrad, ConvTransposeInputGrad, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2WeightGrad, ConvTransposeWeightGrad, Binding());
+                              Operands().Arg<F32>().Arg<F32>().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2, ConvTranspose, Operands().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2BiasRelu, ConvTransposeBiasRelu,
+                              Operands().Arg<F32>().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2InputGrad, ConvTransposeInputGrad,
+                              Operands().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConvTranspose3x3s2WeightGrad, ConvTransposeWeightGrad,
+                              Operands().Ret<F32>());

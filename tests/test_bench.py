@@ -1,0 +1,27 @@
+"""fvae.bench's bookkeeping: rounds reduce to their median, and the table says so."""
+
+from fvae import bench
+
+
+def result(images_per_sec, **extra):
+    return {"model": "conv", "latent_dim": 32, "upsample": "subpixel", "batch_size": 128,
+            "devices": 1, "images_per_sec": images_per_sec, "ms_per_step": 128e3 / images_per_sec,
+            "compile_s": 1.0, "peak_memory_mb": 800.0, "useful_gflops": images_per_sec * 0.25,
+            **extra}
+
+
+def test_rounds_reduce_to_the_median_round():
+    runs = [result(1000, round=0), {"error": ["killed"]}, result(1200, round=2),
+            result(900, round=3)]
+    row = bench.median_round(runs)
+    assert row["round"] == 0 and row["images_per_sec"] == 1000
+    assert sorted(row["rounds_images_per_sec"]) == [900, 1000, 1200]
+    assert bench.median_round([result(1000, round=0), result(1100, round=1)])["round"] == 0
+    assert bench.median_round([{"error": ["a"]}, {"error": ["b"]}]) == {"error": ["a"]}
+
+
+def test_the_table_shows_the_spread_of_rounds():
+    row = bench.median_round([result(1000), result(1200), result(900)])
+    line = bench.format_table([row], peak=500.0).splitlines()[-1]
+    assert "| 1000 (900-1200) |" in line and "| 50.0 |" in line  # 250 GFLOP/s of 500
+    assert "| 1000 |" in bench.format_table([result(1000)], peak=500.0)
