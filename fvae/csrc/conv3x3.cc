@@ -119,12 +119,6 @@ inline void Prefetch(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(x + i);
 }
 
-template <int WB, int NV>
-inline void StorePixels(const Vec (&acc)[WB][NV], float* y, int64_t y_stride) {
-  for (int p = 0; p < WB; ++p)
-    for (int j = 0; j < NV; ++j) Store(y + p * y_stride + j * kLanes, acc[p][j]);
-}
-
 // What a convolution does to its output before storing it: y = max(acc + bias[o] +
 // residual[..., o], 0), where bias and residual are optional (null) and the ReLU is
 // applied if `relu`. One pass over the output where XLA would make two or three.
@@ -134,11 +128,12 @@ struct Epilogue {
   bool relu = false;
 };
 
-// StorePixels after the epilogue; y and residual point at the tile's first pixel and
-// channel o0, bias at channel 0.
+// Stores a tile of WB pixels (y_stride apart) by NV * kLanes channels from o0 on, after
+// the epilogue; y and residual point at the tile's first pixel and channel o0.
 template <int WB, int NV>
-inline void StorePixels(Vec (&acc)[WB][NV], float* y, int64_t y_stride, const Epilogue& e,
-                        const float* residual, int64_t o0) {
+inline void StorePixels(const Vec (&acc)[WB][NV], float* y, int64_t y_stride,
+                        const Epilogue& e = {}, const float* residual = nullptr,
+                        int64_t o0 = 0) {
   for (int p = 0; p < WB; ++p)
     for (int j = 0; j < NV; ++j) {
       Vec v = acc[p][j];
