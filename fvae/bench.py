@@ -141,6 +141,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     images_per_sec = calls * per_call * batch * seeds / seconds  # all seeds' images
     flops = useful_macs_per_image(config.model) * TRAIN_FLOPS_PER_MAC
+    if spec.get("iwae_samples"):
+        spec = {**spec, **time_iwae(model, config, spec)}
     return {**spec, "reduce": "host" if dp.host_reduce else "xla" if dp.num_devices > 1 else "",
             "framework": "jax", "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
@@ -148,6 +150,28 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "useful_mflop_per_image": flops / 1e6,
             "useful_gflops": images_per_sec * flops / 1e9, "peak_memory_mb": peak_memory_mb(),
             "page_faults_per_step": faults / (calls * per_call)}
+
+
+def time_iwae(model, config, spec: dict[str, Any]) -> dict[str, Any]:
+    """Times evaluation's heavy part, the IWAE bound (fvae.evaluate.likelihood_bounds,
+    K = spec['iwae_samples'] draws of spec['iwae_images'] images, decoded as
+    `--mode eval` decodes them), on one device."""
+    import jax
+    import numpy as np
+
+    from fvae import evaluate, models
+
+    params = models.init_params(model, jax.random.key(0))
+    images = np.random.default_rng(1).integers(0, 256, (spec["iwae_images"], 28, 28, 1),
+                                               dtype=np.uint8)
+    bounds = lambda: evaluate.likelihood_bounds(model, params, config.loss, images,
+                                                jax.random.key(2), spec["iwae_samples"])
+    bounds()  # compiles
+    t = time.perf_counter()
+    bounds()
+    seconds = time.perf_counter() - t
+    return {"iwae_seconds": seconds,
+            "iwae_draws_per_sec": spec["iwae_samples"] * spec["iwae_images"] / seconds}
 
 
 def run_child(spec: dict[str, Any], module: str = "fvae.bench") -> dict[str, Any]:
@@ -199,8 +223,8 @@ YES_NO = {True: "yes", False: "no"}
 def format_table(rows: list[dict[str, Any]], peak: float) -> str:
     head = ("| framework | model | latent | upsample | CPU convs | 3x3 convs | huge pages | batch "
             "| devices | seeds | images/s | ms/step | compile s | peak MB | useful GFLOP/s "
-            "| % of matmul peak |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| % of matmul peak | IWAE draws/s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
         devices = f"{r['devices']}{' ' + r['reduce'] if r.get('reduce') else ''}"
@@ -209,13 +233,15 @@ def format_table(rows: list[dict[str, Any]], peak: float) -> str:
                  f"{YES_NO.get(r.get('huge_pages'), '')} | {r['batch_size']} | "
                  f"{devices} | {r.get('seeds', 1)} | ")
         if "error" in r:
-            out.append(f"{first}error: {r['error'][0][:60]} |" + "|" * 5)
+            out.append(f"{first}error: {r['error'][0][:60]} |" + "|" * 6)
             continue
         rounds = r.get("rounds_images_per_sec", [])
         spread = f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
+        iwae = f"{r['iwae_draws_per_sec']:.0f}" if "iwae_draws_per_sec" in r else ""
         out.append(f"{first}{r['images_per_sec']:.0f}{spread} | {r['ms_per_step']:.1f} | "
                    f"{r.get('compile_s', float('nan')):.1f} | {r['peak_memory_mb']:.0f} | "
-                   f"{r['useful_gflops']:.1f} | {100 * r['useful_gflops'] / peak:.1f} |")
+                   f"{r['useful_gflops']:.1f} | {100 * r['useful_gflops'] / peak:.1f} | "
+                   f"{iwae} |")
     return "\n".join(out)
 
 
@@ -252,6 +278,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--steps-per-dispatch", type=int, default=1)
     parser.add_argument("--num-images", type=int, default=60_000)
+    parser.add_argument("--iwae-samples", type=int, default=0,
+                        help="also time the IWAE bound of evaluation with K draws per image "
+                             "(fvae rows; 0: no)")
+    parser.add_argument("--iwae-images", type=int, default=64)
     parser.add_argument("--reference", default="",
                         help="comma-separated: keras, torch, torch_compile (run from the "
                              "repository root; needs tensorflow / torch installed)")
@@ -283,7 +313,8 @@ def main(argv=None) -> None:
                         "num_images": args.num_images}
                 specs += [(reference_spec(framework, base), REFERENCE_MODULES[framework])
                           for framework in filter(None, args.reference.split(","))]
-                specs += [(spec, "fvae.bench") for spec in jax_specs(base, args)]
+                iwae = {"iwae_samples": args.iwae_samples, "iwae_images": args.iwae_images}
+                specs += [({**spec, **iwae}, "fvae.bench") for spec in jax_specs(base, args)]
     runs = [[] for _ in specs]
     for round_index in range(args.rounds):
         for (spec, module), spec_runs in zip(specs, runs):

@@ -239,7 +239,7 @@ class LoadedRun(NamedTuple):
 
 def load_run(workdir: str | pathlib.Path, which: str | int = "latest") -> LoadedRun:
     """The checkpoint `which` names ('latest', 'best' or a step), with its step."""
-    from fvae import configs, models, train  # local: train imports this module
+    from fvae import configs, cpu_kernels, models, train  # local: train imports this module
 
     root = pathlib.Path(workdir).absolute() / "checkpoints"
     kind = "best" if which == "best" else "latest"
@@ -256,7 +256,10 @@ def load_run(workdir: str | pathlib.Path, which: str | int = "latest") -> Loaded
         meta = manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
         config = configs.from_dict(meta["config"])
-        model = models.build_model(config.model)
+        # the run's own convolutions (fvae's CPU kernels unless it chose XLA's): the
+        # IWAE bound decodes thousands of draws per image
+        model = models.build_model(config.model,
+                                   cpu_kernels.convolutions_for(config.train.cpu_conv3x3))
         target = train.abstract_checkpoint_tree(config, model)
         tree = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))["state"]

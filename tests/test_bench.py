@@ -23,5 +23,26 @@ def test_rounds_reduce_to_the_median_round():
 def test_the_table_shows_the_spread_of_rounds():
     row = bench.median_round([result(1000), result(1200), result(900)])
     line = bench.format_table([row], peak=500.0).splitlines()[-1]
-    assert "| 1000 (900-1200) |" in line and "| 50.0 |" in line  # 250 GFLOP/s of 500
-    assert "| 1000 |" in bench.format_table([result(1000)], peak=500.0)
+    assert "| 1000 (900-1200) |" in line and "| 50.0 |  |" in line  # 250 GFLOP/s of 500
+    line = bench.format_table([result(1000, iwae_draws_per_sec=4321.2)], 500.0).splitlines()[-1]
+    assert line.endswith("| 1000 | 128.0 | 1.0 | 800 | 250.0 | 50.0 | 4321 |")
+    assert line.count("|") == bench.format_table([], 500.0).splitlines()[0].count("|")
+
+
+def test_the_benchmark_runs_end_to_end(tmp_path):
+    """Two rounds of a tiny configuration in child processes, with the IWAE timing."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "fvae.bench", "--models", "keras", "--latent-dims",
+                    "2", "--batch-sizes", "8", "--devices", "1", "--upsample", "subpixel",
+                    "--steps", "2", "--num-images", "64", "--iwae-samples", "4",
+                    "--iwae-images", "8", "--rounds", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    [row] = report["results"]
+    assert report["matmul_peak_gflops"] > 0 and "error" not in row
+    assert len(row["rounds_images_per_sec"]) == 2 and row["images_per_sec"] > 0
+    assert row["iwae_draws_per_sec"] > 0 and row["peak_memory_mb"] > 0
