@@ -212,7 +212,7 @@ constexpr int64_t kRowsPerBlock = 4;  // rows of x (and dy) a weight-gradient pa
 // The 3x3, stride-1 convolution, one image; O % 16 == 0.
 
 void Conv3x3Image(int64_t H, int64_t W, int64_t C, int64_t O, const float* x,
-                  const float* k, float* y, const Epilogue& epilogue = {}) {
+                  const float* k, float* y, const Epilogue& epilogue) {
   for (int64_t h = 0; h < H; ++h) {
     if (h + 2 < H) Prefetch(x + (h + 2) * W * C, W * C);
     ForEachTile(W, O, [&](auto wb, auto nv, int64_t w0, int64_t o0) {
@@ -274,7 +274,7 @@ constexpr int kPhaseTapCount[2] = {2, 1};
 
 // One image x (H, W, C) -> y (2H, 2W, O); O % 16 == 0.
 void ConvTransposeImage(int64_t H, int64_t W, int64_t C, int64_t O, const float* x,
-                        const float* k, float* y, const Epilogue& epilogue = {}) {
+                        const float* k, float* y, const Epilogue& epilogue) {
   for (int64_t h = 0; h < H; ++h) {
     if (h + 1 < H) Prefetch(x + (h + 1) * W * C, W * C);
     for (int r = 0; r < 2; ++r)
@@ -291,8 +291,9 @@ void ConvTransposeImage(int64_t H, int64_t W, int64_t C, int64_t O, const float*
                                k + (row.tap * 3 + col.tap) * C * O + o0, O, C);
             }
           }
-          StorePixels(acc, y + ((2 * h + r) * 2 * W + 2 * w0 + c) * O + o0, 2 * O, epilogue,
-                      nullptr, o0);
+          const int64_t at = ((2 * h + r) * 2 * W + 2 * w0 + c) * O + o0;
+          StorePixels(acc, y + at, 2 * O, epilogue,
+                      epilogue.residual ? epilogue.residual + at : nullptr, o0);
         });
   }
 }
@@ -431,41 +432,47 @@ bool MapsImage(const Shape& x, const Shape& y, const Shape& k, int64_t scale) {
          y[1] == scale * x[1] && y[2] == k[3] && k[3] % kLanes == 0;
 }
 
-ffi::Error Conv3x3(ffi::ThreadPool pool, F32 x, F32 k, F32Result y) {
-  return PerImage(
-      "conv3x3", pool, x, k, y,
-      [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 1); },
-      [](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp, int64_t) {
-        Conv3x3Image(x[0], x[1], x[2], y[2], xp, kp, yp);
-      });
-}
-
-// relu(conv3x3(x, k) + bias [+ residual]): the residual block's convolutions.
-ffi::Error Conv3x3BiasRelu(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, const float* residual,
-                           Dims residual_dims, F32Result y) {
+// For every image: y = image_fn(x, k) after the epilogue: + bias (y's channels) +
+// residual (y's shape), each if given, then a ReLU if `relu`. y is `scale` times x's size.
+template <class ImageFn>
+ffi::Error ConvolveImages(const char* name, int64_t scale, const ImageFn& image_fn,
+                          ffi::ThreadPool& pool, F32& x, F32& k, F32Result& y,
+                          const F32* bias = nullptr, const F32* residual = nullptr,
+                          bool relu = false) {
   const Dims yd = y->dimensions();
-  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != yd.back() ||
-      (residual && !std::equal(yd.begin(), yd.end(), residual_dims.begin(), residual_dims.end())))
-    return Mismatch("conv3x3_bias_relu");
-  const Epilogue epilogue{bias.typed_data(), nullptr, true};
+  if ((bias && (bias->dimensions().size() != 1 || bias->dimensions()[0] != yd.back())) ||
+      (residual && !std::equal(yd.begin(), yd.end(), residual->dimensions().begin(),
+                               residual->dimensions().end())))
+    return Mismatch(name);
+  const Epilogue epilogue{bias ? bias->typed_data() : nullptr, nullptr, relu};
+  const float* residual_data = residual ? residual->typed_data() : nullptr;
   return PerImage(
-      "conv3x3_bias_relu", pool, x, k, y,
-      [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 1); },
+      name, pool, x, k, y,
+      [scale](const Shape& x, const Shape& y, const Shape& k) {
+        return MapsImage(x, y, k, scale);
+      },
       [&](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp,
           int64_t offset) {
         Epilogue image = epilogue;
-        if (residual) image.residual = residual + offset;
-        Conv3x3Image(x[0], x[1], x[2], y[2], xp, kp, yp, image);
+        if (residual_data) image.residual = residual_data + offset;
+        image_fn(x[0], x[1], x[2], y[2], xp, kp, yp, image);
       });
 }
 
-ffi::Error Conv3x3BiasReluNoResidual(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, F32Result y) {
-  return Conv3x3BiasRelu(pool, x, k, bias, nullptr, {}, y);
+ffi::Error Conv3x3(ffi::ThreadPool pool, F32 x, F32 k, F32Result y) {
+  return ConvolveImages("conv3x3", 1, Conv3x3Image, pool, x, k, y);
+}
+
+// relu(conv3x3(x, k) + bias [+ residual]): the residual block's convolutions.
+ffi::Error Conv3x3BiasRelu(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, F32Result y) {
+  return ConvolveImages("conv3x3_bias_relu", 1, Conv3x3Image, pool, x, k, y, &bias, nullptr,
+                        true);
 }
 
 ffi::Error Conv3x3BiasAddRelu(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, F32 residual,
                               F32Result y) {
-  return Conv3x3BiasRelu(pool, x, k, bias, residual.typed_data(), residual.dimensions(), y);
+  return ConvolveImages("conv3x3_bias_add_relu", 1, Conv3x3Image, pool, x, k, y, &bias,
+                        &residual, true);
 }
 
 ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, F32 x, F32 dy, F32Result dk) {
@@ -480,25 +487,13 @@ ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, F32 x, F32 dy, F32Result dk) 
 }
 
 ffi::Error ConvTranspose(ffi::ThreadPool pool, F32 x, F32 k, F32Result y) {
-  return PerImage(
-      "conv_transpose3x3s2", pool, x, k, y,
-      [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 2); },
-      [](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp, int64_t) {
-        ConvTransposeImage(x[0], x[1], x[2], y[2], xp, kp, yp);
-      });
+  return ConvolveImages("conv_transpose3x3s2", 2, ConvTransposeImage, pool, x, k, y);
 }
 
 // relu(conv_transpose(x, k) + bias): the decoder's upsampling layers.
 ffi::Error ConvTransposeBiasRelu(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, F32Result y) {
-  if (bias.dimensions().size() != 1 || bias.dimensions()[0] != y->dimensions().back())
-    return Mismatch("conv_transpose3x3s2_bias_relu");
-  const Epilogue epilogue{bias.typed_data(), nullptr, true};
-  return PerImage(
-      "conv_transpose3x3s2_bias_relu", pool, x, k, y,
-      [](const Shape& x, const Shape& y, const Shape& k) { return MapsImage(x, y, k, 2); },
-      [&](const Shape& x, const Shape& y, const float* xp, const float* kp, float* yp, int64_t) {
-        ConvTransposeImage(x[0], x[1], x[2], y[2], xp, kp, yp, epilogue);
-      });
+  return ConvolveImages("conv_transpose3x3s2_bias_relu", 2, ConvTransposeImage, pool, x, k, y,
+                        &bias, nullptr, true);
 }
 
 // kt (3, 3, O, C) maps dy (2H, 2W, O) to dx (H, W, C) as the transpose of k (3, 3, C, O)
@@ -535,7 +530,7 @@ auto Operands() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3, Operands().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGrad, Operands().Ret<F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3BiasRelu, Conv3x3BiasReluNoResidual,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3BiasRelu, Conv3x3BiasRelu,
                               Operands().Arg<F32>().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3BiasAddRelu, Conv3x3BiasAddRelu,
                               Operands().Arg<F32>().Arg<F32>().Ret<F32>());
