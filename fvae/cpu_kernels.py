@@ -9,9 +9,11 @@ gradient with the kernels of fvae/csrc/conv3x3.cc, called through jax.ffi.
 `conv_transpose` is a drop-in for `models.subpixel_conv_transpose`, the decoder's
 3x3, stride-2 transposed convolution: its kernels compute only the taps each output
 pixel uses, where the sub-pixel 2x2 convolution multiplies 7 zeros in every 16 (and
-needs depth-to-space copies). Any other convolution, a backend other than the CPU, or
-a machine where the kernels cannot be compiled gets XLA's own (the last with one
-warning).
+needs depth-to-space copies). `conv3x3_bias_relu` (the residual blocks' convolutions)
+and `conv_transpose(..., relu=True)` (the upsampling layers) add the bias (and the skip
+connection) and apply the ReLU as the kernel stores its output, one pass where XLA
+makes two or three. Any other convolution, a backend other than the CPU, or a machine
+where the kernels cannot be compiled gets XLA's own (the last with one warning).
 
 The C++ source is compiled on first use with the host's compiler (CXX, else c++) for
 the host's instruction set, and cached under $FVAE_CACHE_DIR (default

@@ -73,6 +73,22 @@ def test_fused_bias_residual_relu_and_gradients_equal_xla(batch, size, c_in, c_o
                                    atol=1e-5 * float(jnp.abs(reference).max()) + 1e-30)
 
 
+def test_fused_relu_keeps_nans():
+    """A NaN must reach the loss (and its non-finite check), not become a ReLU's 0: the
+    fused output is NaN exactly where the convolution is, as with jnp.maximum (XLA:CPU's
+    own fused ReLU after a transposed conv was seen to drop them)."""
+    x, kernel = random((2, 7, 7, 16), 0).at[0, 3, 3, 5].set(jnp.nan), random((3, 3, 16, 16), 1)
+    bias = random((16,), 2)
+    conv = xla_conv(x, kernel)
+    assert int(jnp.isnan(conv).sum()) == 9 * 16  # the 3x3 neighbourhood, every channel
+    np.testing.assert_array_equal(jnp.isnan(cpu_kernels.conv3x3_bias_relu(x, kernel, bias)),
+                                  jnp.isnan(conv))
+    transposed = flax_conv_transpose(x, kernel)
+    assert int(jnp.isnan(transposed).sum()) == 9 * 16
+    np.testing.assert_array_equal(
+        jnp.isnan(cpu_kernels.conv_transpose(x, kernel, bias, True)), jnp.isnan(transposed))
+
+
 def flax_conv_transpose(x, kernel, bias=None, relu=False):
     """nn.ConvTranspose's (3, 3), stride-2, 'SAME' layer, then a ReLU if `relu`."""
     layer = nn.ConvTranspose(kernel.shape[-1], (3, 3), strides=(2, 2), padding="SAME",

@@ -139,7 +139,7 @@ inline void StorePixels(const Vec (&acc)[WB][NV], float* y, int64_t y_stride,
       Vec v = acc[p][j];
       if (e.bias) v += Load(e.bias + o0 + j * kLanes);
       if (residual) v += Load(residual + p * y_stride + j * kLanes);
-      if (e.relu) v = v > 0 ? v : Vec{};
+      if (e.relu) v = v < 0 ? Vec{} : v;  // NaN stays NaN, as in jnp.maximum(v, 0)
       Store(y + p * y_stride + j * kLanes, v);
     }
 }
