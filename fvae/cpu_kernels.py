@@ -29,6 +29,7 @@ import logging
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import tempfile
 
@@ -48,7 +49,7 @@ TARGETS = {"fvae_conv3x3": "FvaeConv3x3",  # XLA custom-call target: library sym
            "fvae_conv_transpose3x3s2_input_grad": "FvaeConvTranspose3x3s2InputGrad",
            "fvae_conv_transpose3x3s2_weight_grad": "FvaeConvTranspose3x3s2WeightGrad"}
 GROUP_IMAGES = 8  # images per partial weight gradient: the unit of work of a thread
-LANES = 16  # the kernels' vector width: output channels come in multiples of it
+LANES = 16  # channel counts the kernels take are multiples of it (kChannelMultiple)
 NHWC = models.NHWC
 
 
@@ -57,11 +58,22 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("FVAE_CACHE_DIR", default / "fvae"))
 
 
+# The kernels size their register tiles for the host's instruction set. This variable
+# ("lanes,vectors,pixels,inputs", see FVAE_TILES in conv3x3.cc) compiles another's, so
+# that the tests check every instruction set's tiles on any machine.
+TILES_VARIABLE = "FVAE_KERNEL_TILES"
+
+
 def compile_command(source: pathlib.Path, output: pathlib.Path) -> list[str]:
     arch = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else \
         "-march=native"
+    tiles = os.environ.get(TILES_VARIABLE)
+    if tiles is not None and not re.fullmatch(r"(4|8|16)(,[1-9][0-9]?){3}", tiles):
+        raise ValueError(f"{TILES_VARIABLE}={tiles!r}: expected lanes (4, 8 or 16) and three "
+                         f"tile sizes, as in '8,4,3,3'; unset it for the host's own tiles")
+    defines = [f"-DFVAE_TILES={tiles}"] if tiles else []
     return [os.environ.get("CXX", "c++"), "-O3", arch, "-std=c++17", "-shared", "-fPIC",
-            f"-I{jax.ffi.include_dir()}", str(source), "-o", str(output)]
+            *defines, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(output)]
 
 
 def cpu_fingerprint() -> str:
@@ -97,7 +109,7 @@ def load() -> bool:
     """Compiles (once per machine) and registers the kernel with XLA; False, after one
     warning, where it cannot be (no C++ compiler, an unsupported one, ...)."""
     try:
-        library = ctypes.cdll.LoadLibrary(str(library_path()))
+        library = _library()
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                         platform="cpu")
@@ -108,6 +120,20 @@ def load() -> bool:
                         "XLA's is used (set train.cpu_conv3x3='xla' to skip them): %s",
                         str(detail)[-2000:])
         return False
+
+
+def _library() -> ctypes.CDLL:
+    return ctypes.cdll.LoadLibrary(str(library_path()))
+
+
+def tiles() -> str:
+    """The register tiles the kernels were compiled with for this host ("lanes,vectors,
+    pixels,inputs"), or '' where they could not be compiled."""
+    if not load():
+        return ""
+    tile_set = _library().FvaeTiles
+    tile_set.restype = ctypes.c_char_p
+    return tile_set().decode().replace(" ", "")
 
 
 def _call(target: str, shape: tuple[int, ...], *args: jax.Array,

@@ -3,6 +3,10 @@ convolution and both gradients equal XLA's (nn.ConvTranspose's), whatever the ch
 batch, vmapping or number of threads."""
 
 import logging
+import os
+import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -210,3 +214,38 @@ def test_the_compiled_library_is_cached(monkeypatch, tmp_path):
     assert path.parent == tmp_path / "kernels" and path.exists()
     monkeypatch.setattr(cpu_kernels.subprocess, "run", None)  # compiling again would fail
     assert cpu_kernels.library_path() == path
+
+
+# Each instruction set's register tiles (FVAE_TILES in conv3x3.cc), which any x86-64 or
+# Arm host compiles (as plain SIMD where it lacks the instruction set). The tests above
+# check the host's own tiles.
+TILE_SETS = {"avx512": "16,2,14,8", "avx2": "8,4,3,3", "neon": "4,4,6,6", "sse": "4,2,6,6"}
+
+
+def test_the_host_compiles_one_of_the_tile_sets():
+    assert cpu_kernels.tiles() in TILE_SETS.values() or \
+        cpu_kernels.TILES_VARIABLE in os.environ
+
+
+@pytest.mark.skipif(cpu_kernels.TILES_VARIABLE in os.environ,
+                    reason="already running one instruction set's tiles")
+@pytest.mark.parametrize("isa", TILE_SETS)
+def test_every_instruction_sets_tiles_compute_the_same(isa):
+    """The equality tests above with the kernels compiled for another instruction set's
+    tiles, in a child process: a tile size that miscounts a remainder shows up on any
+    host. (The compiled libraries stay in the cache, one per tile set.)"""
+    if TILE_SETS[isa] == cpu_kernels.tiles():
+        pytest.skip(f"the host's own tiles ({isa}): the tests above ran them")
+    env = {**os.environ, cpu_kernels.TILES_VARIABLE: TILE_SETS[isa]}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__, "-k",
+         "convolution_and_gradients_equal or fused_bias_residual or host_compiles"],
+        env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+def test_a_malformed_tiles_variable_is_refused(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.TILES_VARIABLE, "8,4")
+    with pytest.raises(ValueError, match="FVAE_KERNEL_TILES='8,4'.*'8,4,3,3'"):
+        cpu_kernels.compile_command(cpu_kernels.SOURCE, pathlib.Path("out.so"))

@@ -42,8 +42,31 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
+// Output tiles held in registers: kTileVectors vectors of output channels by
+// kTilePixels pixels (convolutions) or by kTileInputs input channels (weight gradients),
+// sized per instruction set so that the accumulators, the kTileVectors operands of one
+// step and a broadcast fit the vector registers. A tile that spills runs at a fraction
+// of the FMA units' rate (the AVX-512 tiles compiled for AVX2, 16 registers of 8 floats,
+// were not even inlined: 15-28x slower than XLA's convolutions).
+#ifndef FVAE_TILES  // (kLanes, kTileVectors, kTilePixels, kTileInputs), to experiment
+#if defined(__AVX512F__)  // 32 registers of 16 floats: 14 x 2 accumulators
+#define FVAE_TILES 16, 2, 14, 8
+#elif defined(__AVX__)  // 16 registers of 8 floats: 3 x 4 accumulators
+#define FVAE_TILES 8, 4, 3, 3
+#elif defined(__aarch64__)  // 32 registers of 4 floats: 6 x 4 accumulators
+#define FVAE_TILES 4, 4, 6, 6
+#else  // SSE: 16 registers of 4 floats: 6 x 2 accumulators
+#define FVAE_TILES 4, 2, 6, 6
+#endif
+#endif
+constexpr int kTiles[] = {FVAE_TILES};
+constexpr int kLanes = kTiles[0], kTileVectors = kTiles[1], kTilePixels = kTiles[2],
+              kTileInputs = kTiles[3];
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+// Channel counts the kernels take come in multiples of this (fvae.cpu_kernels.LANES).
+constexpr int kChannelMultiple = 16;
+static_assert(kChannelMultiple % kLanes == 0, "a block of channels is whole vectors");
 
 template <int N>
 using Int = std::integral_constant<int, N>;
@@ -150,12 +173,14 @@ template <class Tile>
 void ForEachTile(int64_t width, int64_t channels, const Tile& tile) {
   auto row_part = [&](auto wb, int64_t w0) {
     int64_t o0 = 0;
-    for (; o0 + 2 * kLanes <= channels; o0 += 2 * kLanes) tile(wb, Int<2>(), w0, o0);
-    if (o0 < channels) tile(wb, Int<1>(), w0, o0);
+    for (; o0 + kTileVectors * kLanes <= channels; o0 += kTileVectors * kLanes)
+      tile(wb, Int<kTileVectors>(), w0, o0);
+    for (; o0 < channels; o0 += kLanes) tile(wb, Int<1>(), w0, o0);
   };
   int64_t w0 = 0;
-  for (; w0 + 14 <= width; w0 += 14) row_part(Int<14>(), w0);
-  for (; w0 + 7 <= width; w0 += 7) row_part(Int<7>(), w0);
+  for (; w0 + kTilePixels <= width; w0 += kTilePixels) row_part(Int<kTilePixels>(), w0);
+  for (; w0 + kTilePixels / 2 <= width; w0 += kTilePixels / 2)
+    row_part(Int<kTilePixels / 2>(), w0);
   for (; w0 < width; ++w0) row_part(Int<1>(), w0);
 }
 
@@ -194,15 +219,15 @@ void WeightGradTile(const std::vector<Run>& runs, int64_t x_stride, int64_t dy_s
 
 void AddWeightGrad(const std::vector<Run>& runs, int64_t x_stride, int64_t dy_stride,
                    int64_t C, int64_t O, float* dk) {
-  constexpr int kCi = 8;  // 8 x 32 accumulators
   auto in_channels = [&](auto ci, int64_t i0) {
+    constexpr int CI = decltype(ci)::value;
     int64_t o0 = 0;
-    for (; o0 + 2 * kLanes <= O; o0 += 2 * kLanes)
-      WeightGradTile<decltype(ci)::value, 2>(runs, x_stride, dy_stride, O, dk, i0, o0);
-    if (o0 < O) WeightGradTile<decltype(ci)::value, 1>(runs, x_stride, dy_stride, O, dk, i0, o0);
+    for (; o0 + kTileVectors * kLanes <= O; o0 += kTileVectors * kLanes)
+      WeightGradTile<CI, kTileVectors>(runs, x_stride, dy_stride, O, dk, i0, o0);
+    for (; o0 < O; o0 += kLanes) WeightGradTile<CI, 1>(runs, x_stride, dy_stride, O, dk, i0, o0);
   };
   int64_t i0 = 0;
-  for (; i0 + kCi <= C; i0 += kCi) in_channels(Int<kCi>(), i0);
+  for (; i0 + kTileInputs <= C; i0 += kTileInputs) in_channels(Int<kTileInputs>(), i0);
   for (; i0 < C; ++i0) in_channels(Int<1>(), i0);
 }
 
@@ -413,7 +438,7 @@ ffi::Error PerGroup(const char* name, ffi::ThreadPool& pool, F32& x, F32& dy, F3
   if (groups < 0) return Mismatch(name);
   const Shape xs = Last(xd, 4), dys = Last(dyd, 4), dks = Last(dkd, 4);
   if (!valid(xs, dys) || dks[0] != 3 || dks[1] != 3 || dks[2] != xs[3] ||
-      dks[3] != dys[3] || dys[0] != xs[0] || dys[3] % kLanes != 0)
+      dks[3] != dys[3] || dys[0] != xs[0] || dys[3] % kChannelMultiple != 0)
     return Mismatch(name);
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
@@ -429,7 +454,7 @@ ffi::Error PerGroup(const char* name, ffi::ThreadPool& pool, F32& x, F32& dy, F3
 // Whether k (3, 3, C, O) maps x (H, W, C) to y (scale * H, scale * W, O), O % 16 == 0.
 bool MapsImage(const Shape& x, const Shape& y, const Shape& k, int64_t scale) {
   return k[0] == 3 && k[1] == 3 && k[2] == x[2] && y[0] == scale * x[0] &&
-         y[1] == scale * x[1] && y[2] == k[3] && k[3] % kLanes == 0;
+         y[1] == scale * x[1] && y[2] == k[3] && k[3] % kChannelMultiple == 0;
 }
 
 // For every image: y = image_fn(x, k) after the epilogue: + bias (y's channels) +
@@ -503,7 +528,7 @@ ffi::Error ConvTransposeInputGrad(ffi::ThreadPool pool, F32 dy, F32 kt, F32Resul
       "conv_transpose3x3s2_input_grad", pool, dy, kt, dx,
       [](const Shape& dy, const Shape& dx, const Shape& kt) {
         return MapsImage(dx, dy, {3, 3, kt[3], kt[2]}, 2) && kt[0] == 3 && kt[1] == 3 &&
-               kt[3] % kLanes == 0;
+               kt[3] % kChannelMultiple == 0;
       },
       [](const Shape& dy, const Shape& dx, const float* dyp, const float* ktp, float* dxp,
          int64_t) {
@@ -527,6 +552,11 @@ ffi::Error ConvTransposeWeightGrad(ffi::ThreadPool pool, F32 x, F32 dy, F32Resul
 auto Operands() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>(); }
 
 }  // namespace
+
+// The tiles this library was compiled with: "lanes,vectors,pixels,inputs".
+#define FVAE_STRING(...) #__VA_ARGS__
+#define FVAE_EXPAND(x) FVAE_STRING(x)
+extern "C" const char* FvaeTiles() { return FVAE_EXPAND(FVAE_TILES); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3, Operands().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGrad, Operands().Ret<F32>());
