@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pathlib
+import platform
 import resource
 import subprocess
 import sys
@@ -83,6 +84,21 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
+
+
+def cpu_description() -> str:
+    """The host CPU's model, core count and widest vector extension, for the JSON."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((l.split(":", 1)[1].strip() for l in info.splitlines()
+                  if l.startswith("model name")), platform.machine())
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines()
+                      if l.startswith("flags")), []))
+    vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                           ("avx", "AVX")) if flag in flags), "")
+    return f"{model}, {os.cpu_count()} cores{', ' + vector if vector else ''}"
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +159,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     flops = useful_macs_per_image(config.model) * TRAIN_FLOPS_PER_MAC
     if spec.get("iwae_samples"):
         spec = {**spec, **time_iwae(model, config, spec)}
+    if jax.default_backend() == "cpu" and config.train.cpu_conv3x3 == "fvae":
+        from fvae import cpu_kernels
+        spec = {**spec, "kernel_tiles": cpu_kernels.tiles()}  # the host's instruction set's
     return {**spec, "reduce": "host" if dp.host_reduce else "xla" if dp.num_devices > 1 else "",
             "framework": "jax", "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
@@ -323,9 +342,10 @@ def main(argv=None) -> None:
             print(f"{line} round {round_index + 1}" if args.rounds > 1 else line, flush=True)
     rows = [median_round(spec_runs) for spec_runs in runs]
     table = format_table(rows, peak)
-    print(f"\nmeasured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
+    print(f"\n{cpu_description()}; measured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
     pathlib.Path(args.out).write_text(json.dumps(
-        {"matmul_peak_gflops": peak, "results": rows}, indent=2) + "\n")
+        {"matmul_peak_gflops": peak, "cpu": cpu_description(), "results": rows}, indent=2)
+        + "\n")
     print(f"\nwrote {args.out}")
 
 

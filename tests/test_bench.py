@@ -46,3 +46,5 @@ def test_the_benchmark_runs_end_to_end(tmp_path):
     assert report["matmul_peak_gflops"] > 0 and "error" not in row
     assert len(row["rounds_images_per_sec"]) == 2 and row["images_per_sec"] > 0
     assert row["iwae_draws_per_sec"] > 0 and row["peak_memory_mb"] > 0
+    from fvae import cpu_kernels  # the kernels' tiles for this host, and the host, on record
+    assert row["kernel_tiles"] == cpu_kernels.tiles() and report["cpu"].count(",") >= 1
