@@ -22,8 +22,8 @@
 //
 // Why: XLA:CPU (jaxlib 0.10) runs these convolutions' gradients at a third to a half of
 // the machine's peak. Here each output tile stays in registers while it sweeps inputs
-// that stay in L1 cache. GCC's vector extensions make the code AVX-512 when compiled for
-// such a host (-march=native) and plain SIMD elsewhere.
+// that stay in L1 cache. GCC's vector extensions make the code AVX-512, AVX2, NEON or SSE
+// as the host is (-march=native), with tiles sized for that instruction set (FVAE_TILES).
 
 #include <algorithm>
 #include <atomic>
@@ -47,7 +47,7 @@ namespace {
 // sized per instruction set so that the accumulators, the kTileVectors operands of one
 // step and a broadcast fit the vector registers. A tile that spills runs at a fraction
 // of the FMA units' rate (the AVX-512 tiles compiled for AVX2, 16 registers of 8 floats,
-// were not even inlined: 15-28x slower than XLA's convolutions).
+// were not even inlined: 12-28x slower than XLA's convolutions).
 #ifndef FVAE_TILES  // (kLanes, kTileVectors, kTilePixels, kTileInputs), to experiment
 #if defined(__AVX512F__)  // 32 registers of 16 floats: 14 x 2 accumulators
 #define FVAE_TILES 16, 2, 14, 8
