@@ -293,10 +293,26 @@ def build_model(model_config: ml_collections.ConfigDict,
                     convolutions.conv_transpose, convolutions.conv_bias_relu))
 
 
-def init_params(model: VAE, key: jax.Array):
-    """Initial parameters for a batch of one 28x28 image."""
+def _init_params(model: VAE, key: jax.Array):
     init_key, sample_key = jax.random.split(key)
     return model.init(init_key, jnp.zeros((1, *IMAGE_SHAPE)), sample_key)["params"]
+
+
+# One compiled program (op by op, initialisation compiled ~120 small ones). On a CPU,
+# LLVM's default optimisation level spends ~10 s on the random draws of a program that
+# runs once; level 1 compiles it in a third of the time and draws the same bits
+# (tests/test_models.py checks).
+_init_on_cpu = jax.jit(_init_params, static_argnames="model",
+                       compiler_options={"xla_backend_optimization_level": 1})
+_init_elsewhere = jax.jit(_init_params, static_argnames="model")
+
+
+def init_params(model: VAE, key: jax.Array):
+    """Initial parameters for a batch of one 28x28 image."""
+    if isinstance(key, jax.core.Tracer):  # inside another trace (jax.eval_shape, jit)
+        return _init_params(model, key)
+    init = _init_on_cpu if jax.default_backend() == "cpu" else _init_elsewhere
+    return init(model, key)
 
 
 def to_float(images: jax.Array) -> jax.Array:

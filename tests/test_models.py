@@ -37,6 +37,15 @@ def test_study_model_layer_shapes(latent_dim):
     assert count == 2_051_521 - (32 - latent_dim) * (2 * 257 + 6272)
 
 
+def test_initialisation_draws_what_flax_init_draws():
+    """init_params compiles with less LLVM optimisation on a CPU, to save ~7 s a run;
+    the parameters must be the same bits as a plainly compiled model.init."""
+    model = models.build_model(configs.get_base_config().model)
+    init_key, sample_key = jax.random.split(jax.random.key(3))
+    plain = jax.jit(model.init)(init_key, jnp.zeros((1, 28, 28, 1)), sample_key)["params"]
+    assert params_equal(models.init_params(model, jax.random.key(3)), plain)
+
+
 def test_keras_model_matches_the_keras_example():
     model, params = build("keras", 2)
     assert sum(x.size for x in jax.tree.leaves(params["encoder"])) == 69_076
