@@ -43,7 +43,8 @@ def main(argv):
         print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)},
                          indent=2))
     elif FLAGS.mode == "plot":
-        for path in plots.write_run_figures(FLAGS.workdir, data_dir=config.data.dir):
+        for path in plots.write_run_figures(FLAGS.workdir, data_dir=config.data.dir,
+                                             num_images=config.train.num_figure_images or 16):
             print(path)
 
 

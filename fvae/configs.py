@@ -112,7 +112,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # runtime copies them), 'xla' (an all-reduce), 'auto': host on CPU in one process
     c.train.log_every_steps = 50  # progress-bar refresh
     c.train.progress_bar = True
-    c.train.num_figure_images = 16
+    c.train.num_figure_images = 16  # per figure, at the end of training; 0: no figures
+    # (`launch.py --mode plot` draws them from the checkpoint later)
     c.train.tensorboard = True  # also write workdir/tensorboard/ event files
     c.train.epoch_metrics_images = 1000  # test images for per-epoch SSIM etc.; 0: off
     c.train.on_nonfinite = "stop"  # 'stop' with an error, or 'skip' the step and count it
@@ -300,7 +301,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_min(config, "train.num_devices", 0, integer=True)
     _check_min(config, "train.cpu_devices", 0, integer=True)
     _check_min(config, "train.log_every_steps", 1, integer=True)
-    _check_min(config, "train.num_figure_images", 1, integer=True)
+    _check_min(config, "train.num_figure_images", 0, integer=True)
     _check_in(config, "train.on_nonfinite", ("stop", "skip"))
     _check_in(config, "train.cross_device_reduce", CROSS_DEVICE_REDUCES)
     _check_in(config, "train.cpu_convolutions", CPU_CONVOLUTIONS)

@@ -641,7 +641,7 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                     raise TrainingInterrupted(stop.signum, step, ckpt_enabled)
         finals = [seed_slice(state, i, vmapped) for i in range(len(run_configs))]
         for c, final, keys, w, writer in zip(run_configs, finals, run_keys, workdirs, writers):
-            if primary:  # on this process's devices only: the others are done
+            if primary and c.train.num_figure_images:  # on this process's devices only
                 save_figures(model, parallel.host_local(final.params), c, dataset, keys, w,
                              writer, step)
     except BaseException:  # however training ends, in-flight saves complete, files close

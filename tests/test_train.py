@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 
 def test_training_lowers_the_test_loss_and_writes_the_run(make_config, tmp_path):
-    config = make_config(**{"train.num_epochs": 4})
+    config = make_config(**{"train.num_epochs": 4, "train.num_figure_images": 4})
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 4 * (256 // 32)
     records = read_metrics(tmp_path)
@@ -157,8 +157,9 @@ def test_dynamic_binarization_trains_on_fresh_binary_draws(make_config, tmp_path
 
 def test_vmapped_seeds_match_separate_runs(make_config, tmp_path):
     seeds = (0, 1)
-    together = train.train_seeds([make_config(seed=s) for s in seeds],
-                                 [tmp_path / f"v{s}" for s in seeds])
+    together = train.train_seeds(
+        [make_config(seed=s, **{"train.num_figure_images": 4}) for s in seeds],
+        [tmp_path / f"v{s}" for s in seeds])
     for s, state in zip(seeds, together):
         alone = train.train_and_evaluate(make_config(seed=s), str(tmp_path / f"s{s}"))
         assert int(state.step) == int(alone.step) == 2 * (256 // 32)
