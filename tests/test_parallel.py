@@ -83,7 +83,8 @@ def one_device_run(tiny_data_dir, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("reduce,device_counts", [("host", (2, 4)), ("xla", (2,))])
+# Two devices: the CI machine has two cores (four devices on two cores took ~80 s more).
+@pytest.mark.parametrize("reduce,device_counts", [("host", (2,)), ("xla", (2,))])
 def test_several_cpu_devices_match_one(one_device_run, tiny_data_dir, tmp_path, reduce,
                                        device_counts):
     one, one_dir = one_device_run()
