@@ -9,12 +9,16 @@
     python -m fvae.bench --cpu-conv3x3 fvae,xla  # fvae's own conv kernels or XLA's
     python -m fvae.bench --huge-pages true,false          # train.huge_pages (Linux)
     python -m fvae.bench --reference keras --rounds 3     # median of 3 interleaved rounds
+    python -m fvae.bench --epochs --seeds 1,4             # whole epochs, evaluation included
 
 Each configuration runs in its own subprocess (so the number of CPU devices can
 differ and peak memory is that configuration's own) on random uint8 images resident
 on the device, exactly as training does. "Useful" FLOPs count only the multiply-adds
 of the model as written (a transposed conv's 9 taps per input pixel), whatever
-formulation computes them, times 3 for forward plus backward. Results are printed as
+formulation computes them, times 3 for forward plus backward. With --epochs, each fvae
+configuration also trains for real (fvae.train, on random images written as IDX files:
+steps, the test-set evaluation, checkpoints) and reports one steady-state epoch's wall
+time and its evaluation's. Results are printed as
 a table and written as JSON. Timings on shared machines are noisy: compare rows from
 one invocation, best with --rounds, which interleaves the configurations.
 """
@@ -101,11 +105,24 @@ def cpu_description() -> str:
     return f"{model}, {os.cpu_count()} cores{', ' + vector if vector else ''}"
 
 
+def bench_config(spec: dict[str, Any]):
+    """The base config with the spec's model, batch size, devices and kernels."""
+    from fvae import configs
+    config = configs.get_base_config()
+    config.model.name, config.model.latent_dim = spec["model"], spec["latent_dim"]
+    config.model.upsample = spec["upsample"]
+    config.train.batch_size = spec["batch_size"]
+    config.train.num_devices = spec["devices"]
+    config.train.cross_device_reduce = spec.get("reduce", "auto")
+    config.train.cpu_conv3x3 = spec.get("conv3x3", "fvae")
+    config.train.steps_per_dispatch = spec.get("steps_per_dispatch", 0)
+    return config
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Times the training step for one spec (runs in a fresh process)."""
-    from fvae import configs, runtime
+    from fvae import runtime
 
-    config = configs.get_base_config()
     runtime.configure_cpu_convolutions(spec.get("cpu_convolutions", "eigen"))  # as launch.py
     import jax
     jax.config.update("jax_num_cpu_devices", spec["devices"])
@@ -113,13 +130,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     from fvae import losses, parallel, train
 
-    config.model.name, config.model.latent_dim = spec["model"], spec["latent_dim"]
-    config.model.upsample = spec["upsample"]
     batch = spec["batch_size"]
     if jax.default_backend() != "cpu":  # --devices counts CPU devices; use the accelerators
         spec = {**spec, "devices": min(spec["devices"], jax.device_count())}
+    config = bench_config(spec)
     dp = parallel.make_data_parallel(spec["devices"], spec.get("reduce", "auto"))
-    config.train.cpu_conv3x3 = spec.get("conv3x3", "fvae")
     model = train.build_training_model(config, dp)
     seeds = spec.get("seeds", 1)
     vmapped = seeds > 1  # as train.train_seeds: one vmapped step for all the seeds
@@ -138,7 +153,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         vmapped))
     key = dp.replicate(train.stack_seeds([jax.random.key(200 + s) for s in range(seeds)],
                                          vmapped))
-    per_call = spec["steps_per_dispatch"]
+    per_call = spec["steps_per_dispatch"] or train.default_steps_per_dispatch(steps_per_epoch)
 
     t = time.perf_counter()
     state, _ = chunk(state, images, perm, key, num_steps=per_call)
@@ -157,18 +172,26 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     images_per_sec = calls * per_call * batch * seeds / seconds  # all seeds' images
     flops = useful_macs_per_image(config.model) * TRAIN_FLOPS_PER_MAC
-    if spec.get("iwae_samples"):
-        spec = {**spec, **time_iwae(model, config, spec)}
-    if jax.default_backend() == "cpu" and config.train.cpu_conv3x3 == "fvae":
+    result = {**spec,
+              "reduce": "host" if dp.host_reduce else "xla" if dp.num_devices > 1 else "",
+              "framework": "jax", "backend": jax.default_backend(),
+              "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
+              "images_per_sec": images_per_sec,
+              "ms_per_step": 1000 * seconds / (calls * per_call),
+              "useful_mflop_per_image": flops / 1e6,
+              "useful_gflops": images_per_sec * flops / 1e9,
+              "peak_memory_mb": peak_memory_mb(),  # the step's, before IWAE and epochs
+              "page_faults_per_step": faults / (calls * per_call)}
+    if jax.default_backend() == "cpu" and config.train.cpu_conv3x3 == "fvae" \
+            and not dp.partitioned_by_xla:  # (XLA's partitioner runs XLA's convs)
         from fvae import cpu_kernels
-        spec = {**spec, "kernel_tiles": cpu_kernels.tiles()}  # the host's instruction set's
-    return {**spec, "reduce": "host" if dp.host_reduce else "xla" if dp.num_devices > 1 else "",
-            "framework": "jax", "backend": jax.default_backend(),
-            "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
-            "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / (calls * per_call),
-            "useful_mflop_per_image": flops / 1e6,
-            "useful_gflops": images_per_sec * flops / 1e9, "peak_memory_mb": peak_memory_mb(),
-            "page_faults_per_step": faults / (calls * per_call)}
+        result["kernel_tiles"] = cpu_kernels.tiles()  # the host's instruction set's
+    del state, images
+    if spec.get("iwae_samples"):
+        result.update(time_iwae(model, config, spec))
+    if spec.get("epochs"):
+        result.update(time_epochs(config, spec))
+    return result
 
 
 def time_iwae(model, config, spec: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +214,48 @@ def time_iwae(model, config, spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - t
     return {"iwae_seconds": seconds,
             "iwae_draws_per_sec": spec["iwae_samples"] * spec["iwae_images"] / seconds}
+
+
+EPOCHS_RUN = 3  # the first compiles; the period from the second's end to the third's is timed
+
+
+def time_epochs(config, spec: dict[str, Any]) -> dict[str, Any]:
+    """One steady-state epoch of a real training run (fvae.train: the steps, the test-set
+    evaluation with its per-epoch image metrics, the checkpoints) on spec['num_images']
+    random training images and spec['test_images'] test images, for spec['seeds'] seeds
+    (vmapped as fvae.sweep trains them)."""
+    import tempfile
+
+    import numpy as np
+
+    from fvae import data, train
+    from fvae.writer import read_metrics
+
+    rng = np.random.default_rng(3)
+    sizes = {"train": spec["num_images"], "test": spec["test_images"]}
+    with tempfile.TemporaryDirectory(prefix="fvae-bench-") as tmp:
+        tmp = pathlib.Path(tmp)
+        for key, (filename, _) in data.FILES.items():
+            split, kind = key.split("_")
+            shape = (sizes[split], 28, 28) if kind == "images" else (sizes[split],)
+            data.write_idx_gz(tmp / filename, rng.integers(0, 256 if kind == "images" else 10,
+                                                           shape, dtype=np.uint8))
+        config = config.copy_and_resolve_references()
+        config.data.dir, config.data.download = str(tmp), False
+        config.data.verify_checksums = False  # random images, not the published files
+        config.train.num_epochs, config.train.progress_bar = EPOCHS_RUN, False
+        config.train.num_figure_images, config.train.tensorboard = 0, False
+        runs = []
+        for seed in range(spec.get("seeds", 1)):
+            runs.append(config.copy_and_resolve_references())
+            runs[-1].seed = seed
+        workdirs = [tmp / f"seed{seed}" for seed in range(len(runs))]
+        t = time.perf_counter()
+        train.train_seeds(runs, workdirs)
+        total = time.perf_counter() - t
+        test = [r for r in read_metrics(workdirs[0]) if r["split"] == "test"]
+    return {"epoch_seconds": test[-1]["wall_time"] - test[-2]["wall_time"],
+            "eval_seconds": test[-2]["eval_seconds"], "epochs_run_seconds": total}
 
 
 def run_child(spec: dict[str, Any], module: str = "fvae.bench") -> dict[str, Any]:
@@ -242,8 +307,8 @@ YES_NO = {True: "yes", False: "no"}
 def format_table(rows: list[dict[str, Any]], peak: float) -> str:
     head = ("| framework | model | latent | upsample | CPU convs | 3x3 convs | huge pages | batch "
             "| devices | seeds | images/s | ms/step | compile s | peak MB | useful GFLOP/s "
-            "| % of matmul peak | IWAE draws/s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| % of matmul peak | IWAE draws/s | s/epoch (eval s) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
         devices = f"{r['devices']}{' ' + r['reduce'] if r.get('reduce') else ''}"
@@ -252,15 +317,17 @@ def format_table(rows: list[dict[str, Any]], peak: float) -> str:
                  f"{YES_NO.get(r.get('huge_pages'), '')} | {r['batch_size']} | "
                  f"{devices} | {r.get('seeds', 1)} | ")
         if "error" in r:
-            out.append(f"{first}error: {r['error'][0][:60]} |" + "|" * 6)
+            out.append(f"{first}error: {r['error'][0][:60]} |" + "|" * 7)
             continue
         rounds = r.get("rounds_images_per_sec", [])
         spread = f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
         iwae = f"{r['iwae_draws_per_sec']:.0f}" if "iwae_draws_per_sec" in r else ""
+        epoch = f"{r['epoch_seconds']:.1f} ({r['eval_seconds']:.1f})" \
+            if "epoch_seconds" in r else ""
         out.append(f"{first}{r['images_per_sec']:.0f}{spread} | {r['ms_per_step']:.1f} | "
                    f"{r.get('compile_s', float('nan')):.1f} | {r['peak_memory_mb']:.0f} | "
                    f"{r['useful_gflops']:.1f} | {100 * r['useful_gflops'] / peak:.1f} | "
-                   f"{iwae} |")
+                   f"{iwae} | {epoch} |")
     return "\n".join(out)
 
 
@@ -295,12 +362,19 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", default="1",
                         help="runs trained together as one vmapped step (images/s counts all)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--steps-per-dispatch", type=int, default=1)
+    parser.add_argument("--steps-per-dispatch", type=int, default=0,
+                        help="training steps per compiled call; 0: as training does (one on "
+                             "CPU, an epoch elsewhere: train.steps_per_dispatch)")
     parser.add_argument("--num-images", type=int, default=60_000)
     parser.add_argument("--iwae-samples", type=int, default=0,
                         help="also time the IWAE bound of evaluation with K draws per image "
                              "(fvae rows; 0: no)")
     parser.add_argument("--iwae-images", type=int, default=64)
+    parser.add_argument("--epochs", action="store_true",
+                        help=f"also time whole epochs (fvae rows): {EPOCHS_RUN} epochs of "
+                             "real training on --num-images random images, evaluating "
+                             "--test-images each epoch; reports the last epoch's seconds")
+    parser.add_argument("--test-images", type=int, default=10_000)
     parser.add_argument("--reference", default="",
                         help="comma-separated: keras, torch, torch_compile (run from the "
                              "repository root; needs tensorflow / torch installed)")
@@ -332,8 +406,9 @@ def main(argv=None) -> None:
                         "num_images": args.num_images}
                 specs += [(reference_spec(framework, base), REFERENCE_MODULES[framework])
                           for framework in filter(None, args.reference.split(","))]
-                iwae = {"iwae_samples": args.iwae_samples, "iwae_images": args.iwae_images}
-                specs += [({**spec, **iwae}, "fvae.bench") for spec in jax_specs(base, args)]
+                timings = {"iwae_samples": args.iwae_samples, "iwae_images": args.iwae_images,
+                           "epochs": args.epochs, "test_images": args.test_images}
+                specs += [({**spec, **timings}, "fvae.bench") for spec in jax_specs(base, args)]
     runs = [[] for _ in specs]
     for round_index in range(args.rounds):
         for (spec, module), spec_runs in zip(specs, runs):
@@ -341,11 +416,10 @@ def main(argv=None) -> None:
             line = format_table(spec_runs[-1:], peak).splitlines()[-1]
             print(f"{line} round {round_index + 1}" if args.rounds > 1 else line, flush=True)
     rows = [median_round(spec_runs) for spec_runs in runs]
-    table = format_table(rows, peak)
-    print(f"\n{cpu_description()}; measured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
+    table, cpu = format_table(rows, peak), cpu_description()
+    print(f"\n{cpu}; measured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
     pathlib.Path(args.out).write_text(json.dumps(
-        {"matmul_peak_gflops": peak, "cpu": cpu_description(), "results": rows}, indent=2)
-        + "\n")
+        {"matmul_peak_gflops": peak, "cpu": cpu, "results": rows}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 

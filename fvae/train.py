@@ -676,12 +676,14 @@ def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_
     writer.write({"split": "train", **common, **train_metrics,
                   "images_per_sec": images_per_sec})
     beta_now = float(beta_schedule(step - 1))
+    eval_start = time.time()
     test_metrics = evaluate_losses(eval_step, state.params, test_inputs,
                             config.train.eval_batch_size, keys.eval, beta_now, dp)
     if config.train.epoch_metrics_images:  # reconstruction quality and active units
         test_metrics.update(evaluate.cheap_metrics(
             model, state.params, config, dataset.test_images[:config.train.epoch_metrics_images]))
-    writer.write({"split": "test", **common, **test_metrics, "beta": beta_now})
+    writer.write({"split": "test", **common, **test_metrics, "beta": beta_now,
+                  "eval_seconds": time.time() - eval_start})
     if ckpt is not None:
         ckpt.save_best(step, checkpoint.state_tree(state, dp.replicate(zero_metrics())),
                        test_metrics["elbo"])
