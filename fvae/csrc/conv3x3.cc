@@ -167,15 +167,22 @@ inline void StorePixels(const Vec (&acc)[WB][NV], float* y, int64_t y_stride,
     }
 }
 
+// Calls block(Int<NV>(), o0) for blocks of NV * kLanes channels that cover `channels`
+// (a multiple of kLanes): kTileVectors vectors at a time, then one at a time.
+template <class Block>
+void ForEachChannelBlock(int64_t channels, const Block& block) {
+  int64_t o0 = 0;
+  for (; o0 + kTileVectors * kLanes <= channels; o0 += kTileVectors * kLanes)
+    block(Int<kTileVectors>(), o0);
+  for (; o0 < channels; o0 += kLanes) block(Int<1>(), o0);
+}
+
 // Calls tile(Int<WB>(), Int<NV>(), w0, o0) for tiles of WB pixels by NV * kLanes channels
 // that cover a row of `width` pixels and `channels` channels (a multiple of kLanes).
 template <class Tile>
 void ForEachTile(int64_t width, int64_t channels, const Tile& tile) {
   auto row_part = [&](auto wb, int64_t w0) {
-    int64_t o0 = 0;
-    for (; o0 + kTileVectors * kLanes <= channels; o0 += kTileVectors * kLanes)
-      tile(wb, Int<kTileVectors>(), w0, o0);
-    for (; o0 < channels; o0 += kLanes) tile(wb, Int<1>(), w0, o0);
+    ForEachChannelBlock(channels, [&](auto nv, int64_t o0) { tile(wb, nv, w0, o0); });
   };
   int64_t w0 = 0;
   for (; w0 + kTilePixels <= width; w0 += kTilePixels) row_part(Int<kTilePixels>(), w0);
@@ -220,11 +227,10 @@ void WeightGradTile(const std::vector<Run>& runs, int64_t x_stride, int64_t dy_s
 void AddWeightGrad(const std::vector<Run>& runs, int64_t x_stride, int64_t dy_stride,
                    int64_t C, int64_t O, float* dk) {
   auto in_channels = [&](auto ci, int64_t i0) {
-    constexpr int CI = decltype(ci)::value;
-    int64_t o0 = 0;
-    for (; o0 + kTileVectors * kLanes <= O; o0 += kTileVectors * kLanes)
-      WeightGradTile<CI, kTileVectors>(runs, x_stride, dy_stride, O, dk, i0, o0);
-    for (; o0 < O; o0 += kLanes) WeightGradTile<CI, 1>(runs, x_stride, dy_stride, O, dk, i0, o0);
+    ForEachChannelBlock(O, [&](auto nv, int64_t o0) {
+      WeightGradTile<decltype(ci)::value, decltype(nv)::value>(runs, x_stride, dy_stride, O,
+                                                               dk, i0, o0);
+    });
   };
   int64_t i0 = 0;
   for (; i0 + kTileInputs <= C; i0 += kTileInputs) in_channels(Int<kTileInputs>(), i0);
