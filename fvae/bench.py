@@ -92,14 +92,12 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 def cpu_description() -> str:
     """The host CPU's model, core count and widest vector extension, for the JSON."""
-    try:
-        info = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((l.split(":", 1)[1].strip() for l in info.splitlines()
-                  if l.startswith("model name")), platform.machine())
-    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines()
-                      if l.startswith("flags")), []))
+    from fvae.cpu_kernels import cpu_fingerprint  # one reader of /proc/cpuinfo
+    lines = cpu_fingerprint().splitlines()
+    field = lambda name: [l.split(":", 1)[1] for l in lines if l.startswith(name)]  # noqa
+    model = next((m.strip() for m in field("model name")), platform.processor()
+                 or platform.machine())
+    flags = {flag for l in field("flags") for flag in l.split()}
     vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
                                            ("avx", "AVX")) if flag in flags), "")
     return f"{model}, {os.cpu_count()} cores{', ' + vector if vector else ''}"
