@@ -683,7 +683,7 @@ def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_
         test_metrics.update(evaluate.cheap_metrics(
             model, state.params, config, dataset.test_images[:config.train.epoch_metrics_images]))
     writer.write({"split": "test", **common, **test_metrics, "beta": beta_now,
-                  "eval_seconds": time.time() - eval_start})
+                  "test_seconds": time.time() - eval_start})
     if ckpt is not None:
         ckpt.save_best(step, checkpoint.state_tree(state, dp.replicate(zero_metrics())),
                        test_metrics["elbo"])

@@ -26,19 +26,20 @@ def test_the_table_shows_the_spread_of_rounds():
     assert "| 1000 (900-1200) |" in line and "| 50.0 |  |" in line  # 250 GFLOP/s of 500
     line = bench.format_table([result(1000, iwae_draws_per_sec=4321.2)], 500.0).splitlines()[-1]
     assert line.endswith("| 1000 | 128.0 | 1.0 | 800 | 250.0 | 50.0 | 4321 |  |")
-    line = bench.format_table([result(1000, epoch_seconds=212.34, eval_seconds=9.87)],
+    line = bench.format_table([result(1000, epoch_seconds=212.34, epoch_eval_seconds=9.87)],
                               500.0).splitlines()[-1]
     assert line.endswith("| 50.0 |  | 212.3 (9.9) |")
     assert line.count("|") == bench.format_table([], 500.0).splitlines()[0].count("|")
 
 
 def test_whole_epochs_are_timed_from_a_real_run():
-    """The epoch is the period of a real training run's epochs once compiled, and its
-    evaluation is the compiled one (the first epoch's includes the compile)."""
+    """A real training run is timed: its evaluation falls inside the timed epoch, the
+    epoch inside the whole run (which also compiled)."""
     from conftest import tiny_config
     config = tiny_config("unused: time_epochs writes its own data")
     timing = bench.time_epochs(config, {"num_images": 64, "test_images": 24})
-    assert 0 < timing["eval_seconds"] < timing["epoch_seconds"] < timing["epochs_run_seconds"]
+    assert 0 < timing["epoch_eval_seconds"] < timing["epoch_seconds"] \
+        < timing["epochs_run_seconds"]
 
 
 def test_the_benchmark_runs_end_to_end(tmp_path):

@@ -17,7 +17,7 @@ from conftest import write_experiment
 from fvae.writer import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
-TIMING_KEYS = {"wall_time", "images_per_sec", "eval_seconds"}
+TIMING_KEYS = {"wall_time", "images_per_sec", "test_seconds"}
 
 
 def assert_same_params(a, b):
