@@ -230,14 +230,13 @@ def time_epochs(config, spec: dict[str, Any]) -> dict[str, Any]:
     from fvae.writer import read_metrics
 
     rng = np.random.default_rng(3)
-    sizes = {"train": spec["num_images"], "test": spec["test_images"]}
+    arrays = {}
+    for split, n in (("train", spec["num_images"]), ("test", spec["test_images"])):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 10, n, dtype=np.uint8)
     with tempfile.TemporaryDirectory(prefix="fvae-bench-") as tmp:
         tmp = pathlib.Path(tmp)
-        for key, (filename, _) in data.FILES.items():
-            split, kind = key.split("_")
-            shape = (sizes[split], 28, 28) if kind == "images" else (sizes[split],)
-            data.write_idx_gz(tmp / filename, rng.integers(0, 256 if kind == "images" else 10,
-                                                           shape, dtype=np.uint8))
+        data.write_files(tmp, arrays)
         config = config.copy_and_resolve_references()
         config.data.dir, config.data.download = str(tmp), False
         config.data.verify_checksums = False  # random images, not the published files

@@ -242,6 +242,16 @@ def load(config) -> Dataset:
                    ds.test_images[:n_test], ds.test_labels[:n_test])
 
 
+def write_files(directory: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Writes {'train_images': ..., 'train_labels': ..., 'test_images': ...,
+    'test_labels': ...} as the four IDX .gz files, named as published (for tests and
+    tools)."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, (filename, _) in FILES.items():
+        write_idx_gz(directory / filename, arrays[key])
+
+
 def write_idx_gz(path: str | os.PathLike, array: np.ndarray) -> None:
     """Writes a uint8 array as a gzipped IDX file (for tests and tools)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)

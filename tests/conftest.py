@@ -26,14 +26,10 @@ def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_dataset(directory: pathlib.Path, n_train: int = 256, n_test: int = 64) -> dict:
     """Writes the four IDX .gz files; returns {filename: md5} for them."""
-    directory.mkdir(parents=True, exist_ok=True)
     arrays = dict(zip(("train_images", "train_labels"), make_images(n_train, 0)))
     arrays.update(zip(("test_images", "test_labels"), make_images(n_test, 1)))
-    checksums = {}
-    for key, (filename, _) in data.FILES.items():
-        data.write_idx_gz(directory / filename, arrays[key])
-        checksums[filename] = data.md5sum(directory / filename)
-    return checksums
+    data.write_files(directory, arrays)
+    return {filename: data.md5sum(directory / filename) for filename, _ in data.FILES.values()}
 
 
 @pytest.fixture(scope="session")
