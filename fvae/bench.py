@@ -15,7 +15,8 @@ Each configuration runs in its own subprocess (so the number of CPU devices can
 differ and peak memory is that configuration's own) on random uint8 images resident
 on the device, exactly as training does. "Useful" FLOPs count only the multiply-adds
 of the model as written (a transposed conv's 9 taps per input pixel), whatever
-formulation computes them, times 3 for forward plus backward. With --epochs, each fvae
+formulation computes them, times 3 for forward plus backward; the IWAE timing's count
+one encoding per image and one decoding per draw, forward only. With --epochs, each fvae
 configuration also trains for real (fvae.train, on random images written as IDX files:
 steps, the test-set evaluation, checkpoints) and reports one steady-state epoch's wall
 time and its evaluation's. Results are printed as
@@ -41,31 +42,36 @@ from typing import Any
 TRAIN_FLOPS_PER_MAC = 2 * 3  # a multiply-add is 2 FLOPs; backward costs ~2x forward
 
 
-def useful_macs_per_image(model_config) -> int:
-    """Forward multiply-adds per 28x28 image of the model the config names."""
+def useful_macs(model_config) -> tuple[int, int]:
+    """Forward multiply-adds per 28x28 image of the model the config names: (encoder,
+    decoder), the decoder's counted once per latent it decodes."""
     latent = model_config.latent_dim
     if model_config.name == "keras":
         enc = [(14 * 14, 9 * 1 * 32), (7 * 7, 9 * 32 * 64), (1, 3136 * 16), (1, 16 * 2 * latent)]
         dec = [(1, latent * 3136), (7 * 7, 9 * 64 * 64), (14 * 14, 9 * 64 * 32),
                (28 * 28, 9 * 32 * 1)]
-        return sum(a * b for a, b in enc + dec)
+        return sum(a * b for a, b in enc), sum(a * b for a, b in dec)
     w, strides = list(model_config.encoder_widths), list(model_config.encoder_strides)
-    macs, size, channels = 0, 28, 1
+    encoder, size, channels = 0, 28, 1
     for width, stride in zip(w, strides):
         size = math.ceil(size / stride)
-        macs += size * size * 9 * channels * width
+        encoder += size * size * 9 * channels * width
         channels = width
-    macs += size * size * channels * model_config.encoder_dense
-    macs += model_config.encoder_dense * 2 * latent
+    encoder += size * size * channels * model_config.encoder_dense
+    encoder += model_config.encoder_dense * 2 * latent
     d = list(model_config.decoder_widths)
-    macs += latent * 7 * 7 * d[0]
-    size = 7
+    decoder, size = latent * 7 * 7 * d[0], 7
     for cin, cout in zip(d, d[1:]):
-        macs += size * size * 9 * cin * cout  # transposed conv: 9 taps per input pixel
+        decoder += size * size * 9 * cin * cout  # transposed conv: 9 taps per input pixel
         size *= 2
-    macs += model_config.num_res_blocks * 2 * size * size * 9 * d[-1] * d[-1]
-    macs += size * size * 9 * d[-1]
-    return macs
+    decoder += model_config.num_res_blocks * 2 * size * size * 9 * d[-1] * d[-1]
+    decoder += size * size * 9 * d[-1]
+    return encoder, decoder
+
+
+def useful_macs_per_image(model_config) -> int:
+    """Forward multiply-adds per 28x28 image, encoder and decoder."""
+    return sum(useful_macs(model_config))
 
 
 def peak_memory_mb() -> float:
@@ -195,23 +201,28 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 def time_iwae(model, config, spec: dict[str, Any]) -> dict[str, Any]:
     """Times evaluation's heavy part, the IWAE bound (fvae.evaluate.likelihood_bounds,
     K = spec['iwae_samples'] draws of spec['iwae_images'] images, decoded as
-    `--mode eval` decodes them), on one device."""
+    `--mode eval` decodes them, across the row's devices)."""
     import jax
     import numpy as np
 
-    from fvae import evaluate, models
+    from fvae import evaluate, models, parallel
 
     params = models.init_params(model, jax.random.key(0))
     images = np.random.default_rng(1).integers(0, 256, (spec["iwae_images"], 28, 28, 1),
                                                dtype=np.uint8)
-    bounds = lambda: evaluate.likelihood_bounds(model, params, config.loss, images,
-                                                jax.random.key(2), spec["iwae_samples"])
+    devices = parallel.local_devices(config.train.num_devices)
+    bounds = lambda: evaluate.likelihood_bounds(  # noqa: E731
+        model, params, config.loss, images, jax.random.key(2), spec["iwae_samples"],
+        devices=devices)
     bounds()  # compiles
     t = time.perf_counter()
     bounds()
     seconds = time.perf_counter() - t
+    encoder, decoder = useful_macs(config.model)  # one encoding per image, K decodings
+    macs = spec["iwae_images"] * (encoder + spec["iwae_samples"] * decoder)
     return {"iwae_seconds": seconds,
-            "iwae_draws_per_sec": spec["iwae_samples"] * spec["iwae_images"] / seconds}
+            "iwae_draws_per_sec": spec["iwae_samples"] * spec["iwae_images"] / seconds,
+            "iwae_useful_gflops": 2 * macs / seconds / 1e9}
 
 
 EPOCHS_RUN = 3  # the first compiles; the period from the second's end to the third's is timed
@@ -306,7 +317,7 @@ YES_NO = {True: "yes", False: "no"}
 def format_table(rows: list[dict[str, Any]], peak: float) -> str:
     head = ("| framework | model | latent | upsample | CPU convs | 3x3 convs | huge pages | batch "
             "| devices | seeds | images/s | ms/step | compile s | peak MB | useful GFLOP/s "
-            "| % of matmul peak | IWAE draws/s | s/epoch (eval s) |\n"
+            "| % of matmul peak | IWAE draws/s (% of peak) | s/epoch (eval s) |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
@@ -320,7 +331,8 @@ def format_table(rows: list[dict[str, Any]], peak: float) -> str:
             continue
         rounds = r.get("rounds_images_per_sec", [])
         spread = f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
-        iwae = f"{r['iwae_draws_per_sec']:.0f}" if "iwae_draws_per_sec" in r else ""
+        iwae = f"{r['iwae_draws_per_sec']:.0f} ({100 * r['iwae_useful_gflops'] / peak:.0f}%)" \
+            if "iwae_draws_per_sec" in r else ""
         epoch = f"{r['epoch_seconds']:.1f} ({r['epoch_eval_seconds']:.1f})" \
             if "epoch_seconds" in r else ""
         out.append(f"{first}{r['images_per_sec']:.0f}{spread} | {r['ms_per_step']:.1f} | "

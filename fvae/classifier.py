@@ -74,7 +74,7 @@ def _outputs(classifier: Classifier, images: np.ndarray, batch_size: int
     """(logits, features) for all images, in batches padded to one compiled shape."""
     if not len(images):
         return np.zeros((0, NUM_CLASSES), np.float32), np.zeros((0, FEATURE_DIM), np.float32)
-    return map_batches(functools.partial(_apply, classifier.params), images, batch_size)
+    return map_batches(_apply, classifier.params, images, batch_size)
 
 
 def features(classifier: Classifier, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:

@@ -39,6 +39,7 @@ import math
 import os
 import pathlib
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fvae import binarize, checkpoint, classifier, configs, data, losses, models
+from fvae import binarize, checkpoint, classifier, configs, data, losses, models, parallel
 from fvae.batching import map_batches
 from fvae.writer import jsonable
 
@@ -240,22 +241,25 @@ def _bounds(model, loss_config, params, images, image_ids, key, num_samples: int
 
 def likelihood_bounds(model: models.VAE, params, loss_config: ml_collections.ConfigDict,
                       images: np.ndarray, key: jax.Array, num_samples: int,
-                      decode_batch: int = 0, progress: bool = False, desc: str = "iwae"
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      decode_batch: int = 0, progress: bool = False, desc: str = "iwae",
+                      devices: Sequence[jax.Device] = ()) -> tuple[np.ndarray, np.ndarray]:
     """(IWAE bound on log p(x), mean -log p(x|z)) per image with K = num_samples.
 
     Each compiled call takes B images and scans over chunks of S draws with
     S * B <= decode_batch decoder inputs per step (S = K split as evenly as possible;
-    0: default_decode_batch()). The result does not depend on the batching (except
-    for gaussian_variance='optimal', whose sigma is fitted to each decoded batch).
+    0: default_decode_batch()); calls are dealt across `devices` (default: JAX's
+    default device). The result does not depend on the batching or the devices
+    (except for gaussian_variance='optimal', whose sigma is fitted to each decoded
+    batch).
     """
     decode_batch = decode_batch or default_decode_batch()
     num_chunks = -(-num_samples // decode_batch)
     chunk = -(-num_samples // num_chunks)
     batch = max(1, decode_batch // chunk)
-    fn = functools.partial(_bounds, model, _frozen(loss_config), params, key=key,
+    fn = functools.partial(_bounds, model, _frozen(loss_config), key=key,
                            num_samples=num_samples, chunk=chunk)
-    return map_batches(fn, images, batch, with_ids=True, desc=desc, progress=progress)
+    return map_batches(fn, params, images, batch, with_ids=True, devices=devices, desc=desc,
+                       progress=progress)
 
 
 # ---------------------------------------------------------------- model passes
@@ -284,21 +288,25 @@ def _prior_samples(model, loss_config, params, key, num: int, latent_dim: int):
 
 def posterior_pass(model: models.VAE, params, loss_config: ml_collections.ConfigDict,
                    images: np.ndarray, batch_size: int, progress: bool = False,
-                   desc: str = "encode") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, logvar, reconstruction from the mean) for every image, batched."""
-    fn = functools.partial(_posterior_pass, model, _frozen(loss_config), params)
-    return map_batches(fn, images, batch_size, desc=desc, progress=progress)
+                   desc: str = "encode", devices: Sequence[jax.Device] = ()
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, logvar, reconstruction from the mean) for every image, batched (across
+    `devices`, default: JAX's default device)."""
+    fn = functools.partial(_posterior_pass, model, _frozen(loss_config))
+    return map_batches(fn, params, images, batch_size, devices=devices, desc=desc,
+                       progress=progress)
 
 
 def prior_samples(model: models.VAE, params, loss_config: ml_collections.ConfigDict,
                   key: jax.Array, num: int, latent_dim: int, batch_size: int,
-                  progress: bool = False) -> np.ndarray:
-    """Pixel means [num, 28, 28] of images decoded from prior draws, batched."""
+                  progress: bool = False, devices: Sequence[jax.Device] = ()) -> np.ndarray:
+    """Pixel means [num, 28, 28] of images decoded from prior draws, batched (across
+    `devices`, default: JAX's default device)."""
     frozen = _frozen(loss_config)
-    fn = lambda ids_batch, ids: _prior_samples(  # noqa: E731
-        model, frozen, params, jax.random.fold_in(key, int(ids[0])), len(ids), latent_dim)
-    return map_batches(fn, np.arange(num), batch_size, with_ids=True, desc="samples",
-                       progress=progress)[0]
+    fn = lambda p, ids_batch, ids: _prior_samples(  # noqa: E731
+        model, frozen, p, jax.random.fold_in(key, int(ids[0])), len(ids), latent_dim)
+    return map_batches(fn, params, np.arange(num), batch_size, with_ids=True,
+                       devices=devices, desc="samples", progress=progress)[0]
 
 
 def model_inputs(config: ml_collections.ConfigDict, images: np.ndarray,
@@ -351,16 +359,20 @@ def cheap_metrics(model: models.VAE, params, config: ml_collections.ConfigDict,
     """active_units, recon_mse, psnr, ssim and sharpness: one encode-decode pass, for
     logging every epoch (same protocol and names as eval.json). Deterministic."""
     originals = test_images.astype(np.float32) / 255.0
-    mean, _, recons = posterior_pass(model, params, config.loss,
+    mean, _, recons = posterior_pass(model, parallel.host_local(params), config.loss,
                                      model_inputs(config, test_images),
-                                     config.train.eval_batch_size)
+                                     config.train.eval_batch_size,
+                                     devices=parallel.local_devices(config.train.num_devices))
     return {"active_units": active_units(mean), **image_metrics(originals, recons)}
 
 
 def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
              dataset: data.Dataset, progress: bool = True) -> dict:
-    """Every metric of eval.json (see the module docstring) for one model."""
+    """Every metric of eval.json (see the module docstring) for one model, its batches
+    dealt across this process's devices (train.num_devices; 0: all)."""
     ec, batch = config.eval, config.train.eval_batch_size
+    devices = parallel.local_devices(config.train.num_devices)
+    params = parallel.host_local(params)
     key = jax.random.key(ec.seed)
     originals_u8 = dataset.test_images
     originals = originals_u8.astype(np.float32) / 255.0
@@ -369,10 +381,11 @@ def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
     results: dict = {"num_test_images": n}
 
     mean, logvar, recons = posterior_pass(model, params, config.loss, inputs, batch,
-                                          progress, "encode test")
+                                          progress, "encode test", devices)
     kl = np.asarray(losses.gaussian_kl(mean, logvar))
     _, nll = likelihood_bounds(model, params, config.loss, inputs, jax.random.fold_in(key, 0),
-                               ec.elbo_samples, ec.iwae_decode_batch, progress, "elbo")
+                               ec.elbo_samples, ec.iwae_decode_batch, progress, "elbo",
+                               devices)
     results.update(elbo=float(np.mean(nll + kl)), nll_recon=float(nll.mean()),
                    kl=float(kl.mean()))
 
@@ -381,7 +394,7 @@ def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
     log_px, _ = likelihood_bounds(model, params, config.loss, inputs[:num_iwae],
                                   jax.random.fold_in(key, 1), ec.iwae_samples,
                                   ec.iwae_decode_batch, progress,
-                                  f"iwae K={ec.iwae_samples}")
+                                  f"iwae K={ec.iwae_samples}", devices)
     results.update(iwae_nll=float(-log_px.mean()), iwae_samples=ec.iwae_samples,
                    iwae_num_images=num_iwae, iwae_seconds=time.time() - start)
     if config.loss.likelihood not in NATS_ONLY_LIKELIHOODS:
@@ -395,7 +408,7 @@ def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
                                    ec.classifier_dir, progress)
     num_fd = ec.fd_num_samples or n
     samples = prior_samples(model, params, config.loss, jax.random.fold_in(key, 2), num_fd,
-                            config.model.latent_dim, batch, progress)
+                            config.model.latent_dim, batch, progress, devices)
     test_features = classifier.features(clf, originals)
     results.update(classifier_test_accuracy=clf.test_accuracy, fd_num_samples=num_fd,
                    fd_samples=features_fd(classifier.features(clf, samples), test_features),
@@ -404,7 +417,7 @@ def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
     train_inputs = model_inputs(config, dataset.train_images,
                                 binarize.TEST_SEED + PROBE_SEED_OFFSET)
     train_mean, _, _ = posterior_pass(model, params, config.loss, train_inputs, batch,
-                                      progress, "encode train")
+                                      progress, "encode train", devices)
     results["probe_accuracy"] = probe_accuracy(train_mean, dataset.train_labels, mean,
                                                dataset.test_labels, ec.probe_steps,
                                                ec.probe_l2)

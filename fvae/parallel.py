@@ -103,6 +103,14 @@ def host_local(tree):
     return tree if jax.process_count() == 1 else jax.device_get(tree)
 
 
+def local_devices(num_devices: int = 0) -> list[jax.Device]:
+    """This process's devices among the first `num_devices` of all (0: all): where the
+    work each process does alone, evaluation, is dealt (fvae.batching.map_batches)."""
+    devices = jax.devices()[:num_devices or None]
+    return [d for d in devices if d.process_index == jax.process_index()] \
+        or jax.local_devices()[:1]
+
+
 def make_data_parallel(num_devices: int = 0, reduce: str = "auto") -> DataParallel:
     """A mesh over the first `num_devices` devices (0: all, across all processes).
 

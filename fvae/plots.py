@@ -288,10 +288,10 @@ def write_figures(model, params, config: ml_collections.ConfigDict, dataset,
     decode = jax.jit(lambda p, z: mean_fn(models.decode(model, p, z)))
 
     def to_images(z):
-        return map_batches(functools.partial(decode, params), z, batch_size)
+        return map_batches(decode, params, z, batch_size)
 
     test, labels = dataset.test_images, dataset.test_labels
-    mean, logvar = map_batches(functools.partial(encode, params), test, batch_size)
+    mean, logvar = map_batches(encode, params, test, batch_size)
 
     n = min(num_images, len(test))
     paths = [reconstruction_grid(test[:n] / 255.0, to_images(mean[:n]),

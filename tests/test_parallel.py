@@ -67,6 +67,9 @@ def assert_same_run(one: dict, many: dict, one_dir, many_dir) -> None:
     for a, b in zip(lines, many_lines):
         assert (a["split"], a["step"]) == (b["split"], b["step"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+        if a["split"] == "test":  # image metrics: evaluation dealt across the devices
+            assert a["psnr"] == pytest.approx(b["psnr"], rel=1e-3)
+            assert a["active_units"] == b["active_units"]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,47 @@ def test_host_reduce_splits_binarization_and_noise_as_one_device(one_device_run,
     one, one_dir = one_device_run("dynamic")
     two = run_on(2, tiny_data_dir, tmp_path / "two", "host", binarize="dynamic")
     assert_same_run(one, two, one_dir, tmp_path / "two")
+
+
+EVAL_SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_config
+from fvae import batching, cpu_kernels, evaluate, models
+calls = []
+def scaled(p, batch):
+    calls.append((p.devices(), batch.devices()))
+    return {"out": p * batch}
+out = batching.map_batches(scaled, np.float32(2), np.arange(7.0, dtype=np.float32), 2,
+                           devices=jax.devices())["out"].tolist()
+config = tiny_config("unused", **MODEL)
+model = models.build_model(config.model, cpu_kernels.convolutions_for("fvae"))
+params = models.init_params(model, jax.random.key(0))
+images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), np.uint8)
+bounds = [evaluate.likelihood_bounds(model, params, config.loss, images, jax.random.key(1),
+                                     6, decode_batch=12, devices=devices)
+          for devices in ([jax.devices()[1]], jax.devices())]
+print(json.dumps({"out": out, "calls": [[sorted(d.id for d in ds) for ds in c] for c in calls],
+                  "bounds": [[b.tolist() for b in bs] for bs in bounds]}))
+""".replace("**MODEL", f"**{MODEL!r}")
+
+
+def test_evaluation_deals_batches_across_devices_with_the_one_device_result():
+    """Each batch runs on one device with that device's copy of the parameters, the
+    devices in turn; the IWAE bounds (fvae's CPU kernels in the decoder) are those of
+    one device, bit for bit."""
+    result = subprocess.run([sys.executable, "-c", EVAL_SCRIPT, str(TESTS)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["out"] == [2.0 * i for i in range(7)]
+    assert [c[0] for c in got["calls"]] == [c[1] for c in got["calls"]]  # params beside batch
+    assert [c[1] for c in got["calls"]] == [[0], [1], [0], [1]]
+    one, two = got["bounds"]
+    assert one == two and np.isfinite(one).all()
 
 
 def test_batch_must_divide_across_devices():
