@@ -20,8 +20,9 @@ def map_batches(fn: Callable, params: Any, inputs: np.ndarray, batch_size: int, 
     padded rows are dropped from its outputs (a pytree of arrays with a leading batch
     axis), which are concatenated into numpy arrays of len(inputs) rows. With
     `devices`, batches are dealt to them in turn and run concurrently, each device on its
-    own copy of `params`; every batch is computed as on one device, so the result does
-    not depend on the devices. Without, everything runs on JAX's default device.
+    own copy of `params` (a pytree: everything fn uses besides the batch); every batch is
+    computed as on one device, so the result does not depend on the devices. Without,
+    everything runs on JAX's default device.
     """
     from tqdm.auto import tqdm
 

@@ -256,10 +256,11 @@ def likelihood_bounds(model: models.VAE, params, loss_config: ml_collections.Con
     num_chunks = -(-num_samples // decode_batch)
     chunk = -(-num_samples // num_chunks)
     batch = max(1, decode_batch // chunk)
-    fn = functools.partial(_bounds, model, _frozen(loss_config), key=key,
-                           num_samples=num_samples, chunk=chunk)
-    return map_batches(fn, params, images, batch, with_ids=True, devices=devices, desc=desc,
-                       progress=progress)
+    frozen = _frozen(loss_config)
+    fn = lambda params_key, batch_images, ids: _bounds(  # noqa: E731
+        model, frozen, params_key[0], batch_images, ids, params_key[1], num_samples, chunk)
+    return map_batches(fn, (params, key), images, batch, with_ids=True, devices=devices,
+                       desc=desc, progress=progress)
 
 
 # ---------------------------------------------------------------- model passes
@@ -303,9 +304,10 @@ def prior_samples(model: models.VAE, params, loss_config: ml_collections.ConfigD
     """Pixel means [num, 28, 28] of images decoded from prior draws, batched (across
     `devices`, default: JAX's default device)."""
     frozen = _frozen(loss_config)
-    fn = lambda p, ids_batch, ids: _prior_samples(  # noqa: E731
-        model, frozen, p, jax.random.fold_in(key, int(ids[0])), len(ids), latent_dim)
-    return map_batches(fn, params, np.arange(num), batch_size, with_ids=True,
+    fn = lambda params_key, ids_batch, ids: _prior_samples(  # noqa: E731
+        model, frozen, params_key[0], jax.random.fold_in(params_key[1], int(ids[0])),
+        len(ids), latent_dim)
+    return map_batches(fn, (params, key), np.arange(num), batch_size, with_ids=True,
                        devices=devices, desc="samples", progress=progress)[0]
 
 

@@ -121,11 +121,15 @@ config = tiny_config("unused", **MODEL)
 model = models.build_model(config.model, cpu_kernels.convolutions_for("fvae"))
 params = models.init_params(model, jax.random.key(0))
 images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), np.uint8)
-bounds = [evaluate.likelihood_bounds(model, params, config.loss, images, jax.random.key(1),
+key = jax.device_put(jax.random.key(1), jax.devices()[0])  # committed to one device
+bounds = [evaluate.likelihood_bounds(model, params, config.loss, images, key,
                                      6, decode_batch=12, devices=devices)
           for devices in ([jax.devices()[1]], jax.devices())]
+samples = [evaluate.prior_samples(model, params, config.loss, key, 5, 2, 2, devices=devices)
+           for devices in ([jax.devices()[1]], jax.devices())]
 print(json.dumps({"out": out, "calls": [[sorted(d.id for d in ds) for ds in c] for c in calls],
-                  "bounds": [[b.tolist() for b in bs] for bs in bounds]}))
+                  "bounds": [[b.tolist() for b in bs] for bs in bounds],
+                  "samples_equal": bool(np.array_equal(*samples))}))
 """.replace("**MODEL", f"**{MODEL!r}")
 
 
@@ -141,7 +145,7 @@ def test_evaluation_deals_batches_across_devices_with_the_one_device_result():
     assert [c[0] for c in got["calls"]] == [c[1] for c in got["calls"]]  # params beside batch
     assert [c[1] for c in got["calls"]] == [[0], [1], [0], [1]]
     one, two = got["bounds"]
-    assert one == two and np.isfinite(one).all()
+    assert one == two and np.isfinite(one).all() and got["samples_equal"]
 
 
 def test_batch_must_divide_across_devices():
