@@ -12,6 +12,8 @@ was trained with, at beta = 1:
   iwae_nll      -log p(x) from the IWAE bound, K = eval.iwae_samples (see iwae_bound)
   iwae_bpd      iwae_nll / (784 ln 2), bits per dimension; every likelihood but bce
                 (see iwae_bound for what it can be compared with)
+  gaussian_log_sigma  gaussian_variance='optimal' only: the one log sigma the
+                likelihood terms use, fitted on the training split (gaussian_log_sigma)
   recon_mse     squared error per pixel of reconstructions from the posterior mean
   psnr          mean over images of 10 log10(1 / mse_image), dB for data range 1
   ssim          mean SSIM (Wang et al. 2004), 11x11 Gaussian window, sigma 1.5
@@ -178,10 +180,12 @@ def _eps(key: jax.Array, image_ids: jax.Array, sample_ids: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("model", "loss_config", "num_samples", "chunk"))
-def _draws(model, loss_config, params, images, image_ids, key, num_samples: int, chunk: int):
+def _draws(model, loss_config, params, images, image_ids, key, num_samples: int, chunk: int,
+           log_sigma=None):
     """(log w, -log p(x|z)), both [K, B], for K posterior draws z_k of each image:
     log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x). A scan over chunks of `chunk`
-    draws decodes chunk * B latents per step, which bounds memory."""
+    draws decodes chunk * B latents per step, which bounds memory. `log_sigma`: see
+    losses.negative_log_likelihood."""
     x = models.to_float(images)
     mean, logvar = models.encode(model, params, x)
     xs = jnp.broadcast_to(x, (chunk, *x.shape)).reshape(-1, *x.shape[1:])
@@ -191,7 +195,8 @@ def _draws(model, loss_config, params, images, image_ids, key, num_samples: int,
     def body(_, c):
         eps = _eps(key, image_ids, c * chunk + jnp.arange(chunk), mean.shape[-1])
         z = (mean + jnp.exp(0.5 * logvar) * eps).reshape(-1, mean.shape[-1])  # [S*B, D]
-        nll = losses.negative_log_likelihood(models.decode(model, params, z), xs, loss_config)
+        nll = losses.negative_log_likelihood(models.decode(model, params, z), xs, loss_config,
+                                             log_sigma)
         log_w = -nll - losses.gaussian_nll(0.0, 0.0, z) + losses.gaussian_nll(
             means, log_sigmas, z)
         return None, (log_w.reshape(chunk, -1), nll.reshape(chunk, -1))
@@ -224,43 +229,74 @@ def iwae_bound(log_w: jax.Array) -> jax.Array:
     bin of width 1/255 is about density / 255, log 255 nats per pixel apart, and
     needs dequantised training to be a bound) nor with a Bernoulli NLL. Only the
     discretized_logistic gives a probability of the 8-bit image, whose bpd is the
-    one in published tables. With gaussian_variance='optimal', sigma is fitted per
-    decoded batch, so the value also depends on eval.iwae_decode_batch.
+    one in published tables. A gaussian_variance='optimal' model is scored with one
+    sigma fitted on the training split (gaussian_log_sigma, `gaussian_log_sigma` in
+    eval.json).
     """
     return jax.nn.logsumexp(log_w, axis=0) - jnp.log(log_w.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames=("model", "loss_config", "num_samples", "chunk"))
 def _bounds(model, loss_config, params, images, image_ids, key, num_samples: int,
-            chunk: int):
+            chunk: int, log_sigma=None):
     """Per image: the IWAE bound on log p(x) and the mean of -log p(x|z) over the draws."""
     log_w, nll = _draws(model, loss_config, params, images, image_ids, key, num_samples,
-                        chunk)
+                        chunk, log_sigma)
     return iwae_bound(log_w), nll.mean(0)
 
 
 def likelihood_bounds(model: models.VAE, params, loss_config: ml_collections.ConfigDict,
                       images: np.ndarray, key: jax.Array, num_samples: int,
                       decode_batch: int = 0, progress: bool = False, desc: str = "iwae",
-                      devices: Sequence[jax.Device] = ()) -> tuple[np.ndarray, np.ndarray]:
+                      devices: Sequence[jax.Device] = (), log_sigma: float | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """(IWAE bound on log p(x), mean -log p(x|z)) per image with K = num_samples.
 
     Each compiled call takes B images and scans over chunks of S draws with
     S * B <= decode_batch decoder inputs per step (S = K split as evenly as possible;
     0: default_decode_batch()); calls are dealt across `devices` (default: JAX's
-    default device). The result does not depend on the batching or the devices
-    (except for gaussian_variance='optimal', whose sigma is fitted to each decoded
-    batch).
+    default device). The result does not depend on the batching or the devices, except
+    for gaussian_variance='optimal' without `log_sigma` (gaussian_log_sigma), whose
+    sigma is then fitted to each decoded batch.
     """
     decode_batch = decode_batch or default_decode_batch()
     num_chunks = -(-num_samples // decode_batch)
     chunk = -(-num_samples // num_chunks)
     batch = max(1, decode_batch // chunk)
     frozen = _frozen(loss_config)
-    fn = lambda params_key, batch_images, ids: _bounds(  # noqa: E731
-        model, frozen, params_key[0], batch_images, ids, params_key[1], num_samples, chunk)
-    return map_batches(fn, (params, key), images, batch, with_ids=True, devices=devices,
-                       desc=desc, progress=progress)
+    fn = lambda shared, batch_images, ids: _bounds(  # noqa: E731
+        model, frozen, shared[0], batch_images, ids, shared[1], num_samples, chunk, shared[2])
+    fixed = None if log_sigma is None else np.float32(log_sigma)
+    return map_batches(fn, (params, key, fixed), images, batch, with_ids=True,
+                       devices=devices, desc=desc, progress=progress)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss_config"))
+def _squared_errors(model, loss_config, params, images, image_ids, key):
+    """Per image: the squared error summed over pixels of the pixel means decoded from
+    one posterior draw (as training's reparameterised sample)."""
+    x = models.to_float(images)
+    mean, logvar = models.encode(model, params, x)
+    z = mean + jnp.exp(0.5 * logvar) * _eps(key, image_ids, jnp.arange(1), mean.shape[-1])[0]
+    recon = losses.pixel_mean(models.decode(model, params, z), loss_config)
+    return (jnp.sum(jnp.square(recon - x).reshape(len(x), -1), -1),)
+
+
+def gaussian_log_sigma(model: models.VAE, params, loss_config: ml_collections.ConfigDict,
+                       images: np.ndarray, key: jax.Array, batch_size: int,
+                       devices: Sequence[jax.Device] = ()) -> float:
+    """The one log sigma with which evaluation scores a gaussian_variance='optimal' model:
+    the maximum-likelihood sigma over `images` (the training split), sigma^2 = the mean
+    squared error per pixel of reconstructions from one posterior draw per image: the
+    statistic training fits to each batch, fitted once to all of them and floored as
+    there. With it the ELBO and the IWAE bound are those of one fixed model."""
+    frozen = _frozen(loss_config)
+    fn = lambda shared, batch_images, ids: _squared_errors(  # noqa: E731
+        model, frozen, shared[0], batch_images, ids, shared[1])
+    (errors,) = map_batches(fn, (params, key), images, batch_size, with_ids=True,
+                            devices=devices, desc="fit sigma")
+    mse = np.mean(np.float64(errors)) / losses.NUM_PIXELS
+    return max(0.5 * math.log(mse), losses.GAUSSIAN_MIN_LOG_SIGMA)
 
 
 # ---------------------------------------------------------------- model passes
@@ -385,9 +421,16 @@ def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
     mean, logvar, recons = posterior_pass(model, params, config.loss, inputs, batch,
                                           progress, "encode test", devices)
     kl = np.asarray(losses.gaussian_kl(mean, logvar))
+    train_inputs = model_inputs(config, dataset.train_images,
+                                binarize.TEST_SEED + PROBE_SEED_OFFSET)
+    log_sigma = None  # one fixed Gaussian for an 'optimal'-variance model, see losses
+    if config.loss.likelihood == "gaussian" and config.loss.gaussian_variance == "optimal":
+        log_sigma = gaussian_log_sigma(model, params, config.loss, train_inputs,
+                                       jax.random.fold_in(key, 3), batch, devices)
+        results["gaussian_log_sigma"] = log_sigma
     _, nll = likelihood_bounds(model, params, config.loss, inputs, jax.random.fold_in(key, 0),
                                ec.elbo_samples, ec.iwae_decode_batch, progress, "elbo",
-                               devices)
+                               devices, log_sigma)
     results.update(elbo=float(np.mean(nll + kl)), nll_recon=float(nll.mean()),
                    kl=float(kl.mean()))
 
@@ -396,7 +439,7 @@ def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
     log_px, _ = likelihood_bounds(model, params, config.loss, inputs[:num_iwae],
                                   jax.random.fold_in(key, 1), ec.iwae_samples,
                                   ec.iwae_decode_batch, progress,
-                                  f"iwae K={ec.iwae_samples}", devices)
+                                  f"iwae K={ec.iwae_samples}", devices, log_sigma)
     results.update(iwae_nll=float(-log_px.mean()), iwae_samples=ec.iwae_samples,
                    iwae_num_images=num_iwae, iwae_seconds=time.time() - start)
     if config.loss.likelihood not in NATS_ONLY_LIKELIHOODS:
@@ -416,8 +459,6 @@ def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
                    fd_samples=features_fd(classifier.features(clf, samples), test_features),
                    fd_recons=features_fd(classifier.features(clf, recons), test_features))
 
-    train_inputs = model_inputs(config, dataset.train_images,
-                                binarize.TEST_SEED + PROBE_SEED_OFFSET)
     train_mean, _, _ = posterior_pass(model, params, config.loss, train_inputs, batch,
                                       progress, "encode train", devices)
     results["probe_accuracy"] = probe_accuracy(train_mean, dataset.train_labels, mean,

@@ -306,3 +306,42 @@ def test_binarised_protocol_and_bits_per_dimension(run):
     _, nll = evaluate.likelihood_bounds(model, params, config.loss, inputs,
                                         jax.random.fold_in(jax.random.key(0), 0), 1, 1024)
     assert results["nll_recon"] == pytest.approx(nll.mean(), rel=1e-6)
+
+
+# ---- the optimal-variance Gaussian: one fixed sigma in evaluation -----------------
+def test_optimal_gaussian_is_scored_with_one_sigma_fitted_on_the_training_split(run):
+    """gaussian_log_sigma is the log root mean squared error of reconstructions from one
+    posterior draw per training image; with it every image's bounds are those of one
+    fixed Gaussian, whatever the batching (a sigma fitted per decoded batch is not)."""
+    _, config, model, params, dataset = run
+    config = tiny_config(config.data.dir, **QUICK_EVAL, **{
+        "eval.classifier_dir": config.eval.classifier_dir, "loss.likelihood": "gaussian",
+        "loss.gaussian_variance": "optimal", "eval.iwae_num_images": 16,
+        "eval.fd_num_samples": 32})
+    train_images, key = dataset.train_images, jax.random.key(5)
+    log_sigma = evaluate.gaussian_log_sigma(model, params, config.loss, train_images, key, 7)
+    x = jnp.asarray(train_images, jnp.float32)[..., None] / 255.0  # one batch, by hand
+    mean, logvar = models.encode(model, params, x)
+    eps = evaluate._eps(key, jnp.arange(len(x)), jnp.arange(1), mean.shape[-1])[0]
+    recon = jax.nn.sigmoid(models.decode(model, params, mean + jnp.exp(0.5 * logvar) * eps))
+    mse = np.mean((np.float64(recon) - np.float64(x)) ** 2)
+    assert log_sigma == pytest.approx(0.5 * np.log(mse), rel=1e-5)
+
+    images = dataset.test_images[:10]
+    fixed = [evaluate.likelihood_bounds(model, params, config.loss, images, key, 6, d,
+                                        log_sigma=log_sigma) for d in (60, 6)]
+    np.testing.assert_allclose(fixed[0][0], fixed[1][0], rtol=1e-5)
+    refit = [evaluate.likelihood_bounds(model, params, config.loss, images, key, 6, d)
+             for d in (60, 6)]
+    assert not np.allclose(refit[0][0], refit[1][0], rtol=1e-3)
+
+    results = evaluate.evaluate(model, params, config, dataset, progress=False)
+    assert results["gaussian_log_sigma"] == pytest.approx(evaluate.gaussian_log_sigma(
+        model, params, config.loss, train_images,
+        jax.random.fold_in(jax.random.key(config.eval.seed), 3), 48), rel=1e-6)
+    _, nll = evaluate.likelihood_bounds(
+        model, params, config.loss, dataset.test_images,
+        jax.random.fold_in(jax.random.key(config.eval.seed), 0), 1, 1024,
+        log_sigma=results["gaussian_log_sigma"])
+    assert results["nll_recon"] == pytest.approx(nll.mean(), rel=1e-6)
+    assert results["iwae_nll"] < results["elbo"]

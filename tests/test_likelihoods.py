@@ -334,3 +334,20 @@ def test_a_tiny_run_finishes_with_finite_metrics(make_config, tmp_path, override
     assert (tmp_path / "figures" / "reconstructions.png").exists()
     if config.model.decoder_scale == "shared":
         assert float(state.params["decoder"]["log_scale"]) != 0.0  # sigma is learned
+
+
+def test_gaussian_optimal_with_a_given_sigma_is_that_fixed_gaussian(images):
+    """Evaluation's fixed sigma: each image's NLL is its own, whatever else is in the
+    batch; the other likelihoods ignore it."""
+    x, logits = images
+    config = loss_config("gaussian", gaussian_variance="optimal")
+    mu = 1 / (1 + np.exp(-np.float64(logits)))
+    got = losses.negative_log_likelihood(jnp.asarray(logits), jnp.asarray(x), config, -1.7)
+    np.testing.assert_allclose(got, np_gaussian_nll(mu, -1.7, np.float64(x)), rtol=1e-5)
+    first = losses.negative_log_likelihood(jnp.asarray(logits[:1]), jnp.asarray(x[:1]),
+                                           config, -1.7)
+    np.testing.assert_allclose(first, got[:1], rtol=1e-6)
+    bce = loss_config("bce")
+    np.testing.assert_array_equal(
+        losses.negative_log_likelihood(jnp.asarray(logits), jnp.asarray(x), bce, -1.7),
+        losses.negative_log_likelihood(jnp.asarray(logits), jnp.asarray(x), bce))
