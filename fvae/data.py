@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import http.client
 import os
 import pathlib
 import socket
@@ -111,6 +112,7 @@ def download(filename: str, md5: str | None, data_dir: pathlib.Path,
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / filename
     url = base_url + filename
+    part = None  # the partial file, removed however the download ends unless installed
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
@@ -118,19 +120,26 @@ def download(filename: str, md5: str | None, data_dir: pathlib.Path,
                                              suffix=".part") as tmp, \
                     tqdm(total=total, unit="B", unit_scale=True, desc=filename,
                          leave=False) as bar:
+                part, written = pathlib.Path(tmp.name), 0
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     tmp.write(chunk)
+                    written += len(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
-        if "tmp" in locals():  # a transfer that broke off leaves no partial file
-            pathlib.Path(tmp.name).unlink(missing_ok=True)
+        if total is not None and written != total:  # a closed connection reads as the end
+            raise DataError(_no_data_message(
+                data_dir, f"the download of {url} broke off after {written} of {total} "
+                "bytes; try again"))
+        if md5 is not None and md5sum(part) != md5:
+            raise DataError(f"the download of {url} has the wrong checksum; try again later "
+                            "or fetch the file by hand.")
+        os.replace(part, target)
+        part = None
+    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError,
+            http.client.HTTPException) as e:
         raise DataError(_no_data_message(data_dir, f"downloading {url} failed: {e}")) from e
-    part = pathlib.Path(tmp.name)
-    if md5 is not None and md5sum(part) != md5:
-        part.unlink()
-        raise DataError(f"the download of {url} has the wrong checksum; try again later "
-                        "or fetch the file by hand.")
-    os.replace(part, target)
+    finally:
+        if part is not None:
+            part.unlink(missing_ok=True)
     return target
 
 

@@ -93,6 +93,33 @@ def test_download_with_wrong_checksum_keeps_nothing(tmp_path, file_server):
     assert not list((tmp_path / "cache").iterdir())
 
 
+class HalfSent(http.server.BaseHTTPRequestHandler):
+    """Promises 1000 bytes, sends 100 and closes the connection."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"\x1f\x8b" + b"x" * 98)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_that_breaks_off_is_not_kept_even_unchecked(tmp_path):
+    """Without a checksum to catch it, the promised length does: no partial file is
+    installed under the final name, and no .part file is left behind."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfSent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(data.DataError, match="broke off after 100 of 1000 bytes"):
+            data.download("train-images-idx3-ubyte.gz", None, tmp_path / "cache",
+                          base_url=f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+    assert not list((tmp_path / "cache").iterdir())
+
+
 def test_default_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     assert data.default_data_dir() == tmp_path
