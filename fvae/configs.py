@@ -9,6 +9,7 @@ ignored. `validate` checks values before any data is loaded or any step is run.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -180,12 +181,22 @@ def _check_in(config, key: str, choices) -> None:
         _fail(key, value, f"one of {', '.join(map(repr, choices))}")
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (NaN would pass every comparison's negation)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
 def _check_min(config, key: str, minimum, integer: bool = False) -> None:
     value = get_key(config, key)
-    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+    if integer and not _is_integer(value):
         _fail(key, value, f"an integer >= {minimum}")
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
-        _fail(key, value, f"a number >= {minimum}")
+    if not _is_number(value) or value < minimum:
+        _fail(key, value, f"a finite number >= {minimum}")
 
 
 def get_key(config, key: str):
@@ -240,9 +251,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_in(config, "model.upsample", ("subpixel", "conv_transpose", "pixel_shuffle"))
     for key in ("model.encoder_widths", "model.decoder_widths"):
         widths = get_key(config, key)
-        if len(widths) != 3 or any(int(w) < 1 for w in widths):
+        if len(widths) != 3 or not all(_is_integer(w) and w >= 1 for w in widths):
             _fail(key, widths, "three positive integers")
-    if any(s not in (1, 2) for s in config.model.encoder_strides) or \
+    if not all(_is_integer(s) and s in (1, 2) for s in config.model.encoder_strides) or \
             len(config.model.encoder_strides) != 3 or \
             list(config.model.encoder_strides).count(2) != 2:
         _fail("model.encoder_strides", config.model.encoder_strides,
@@ -285,8 +296,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.optim.weight_decay and config.optim.name != "adamw":
         _fail("optim.weight_decay", config.optim.weight_decay,
               "0 unless optim.name='adamw' (only it applies weight decay)")
-    if not config.optim.learning_rate > 0:
-        _fail("optim.learning_rate", config.optim.learning_rate, "a number > 0")
+    if not _is_number(config.optim.learning_rate) or config.optim.learning_rate <= 0:
+        _fail("optim.learning_rate", config.optim.learning_rate, "a finite number > 0")
     _check_in(config, "optim.lr_schedule", LR_SCHEDULES)
     _check_min(config, "optim.lr_warmup_steps", 0, integer=True)
     _check_min(config, "optim.weight_decay", 0.0)
@@ -322,12 +333,36 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def run_steps(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run on `num_train` training images."""
+    steps_per_epoch = num_train // config.train.batch_size
+    return steps_per_epoch, config.train.num_steps or config.train.num_epochs * steps_per_epoch
+
+
+def beta_warmup_steps(loss_config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """Steps of the linear beta warm-up: loss.warmup_steps, or loss.warmup_epochs' worth."""
+    return loss_config.warmup_steps or int(round(loss_config.warmup_epochs * steps_per_epoch))
+
+
 def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> None:
-    """Checks the values that depend on the data, before the first step."""
+    """Checks the values that depend on the data, before the first step: the batch, and
+    warm-ups that must fit the run (a beta that never reaches loss.beta would be
+    reported as loss.beta)."""
     if config.train.batch_size > num_train:
         _fail("train.batch_size", config.train.batch_size,
               f"at most the number of training images ({num_train}); lower it or raise "
               "data.limit_train")
+    steps_per_epoch, total = run_steps(config, num_train)
+    if config.loss.beta_schedule == "linear":
+        key = "loss.warmup_steps" if config.loss.warmup_steps else "loss.warmup_epochs"
+        warmup = beta_warmup_steps(config.loss, steps_per_epoch)
+        if not 1 <= warmup <= total:
+            _fail(key, get_key(config, key),
+                  f"a warm-up of 1 to {total} steps, the run's length ({steps_per_epoch} "
+                  f"steps per epoch), not {warmup}: lengthen or shorten it, or train longer")
+    if config.optim.lr_schedule == "warmup_cosine" and config.optim.lr_warmup_steps >= total:
+        _fail("optim.lr_warmup_steps", config.optim.lr_warmup_steps,
+              f"fewer than the run's {total} steps, so that the cosine decay has steps left")
 
 
 def check_against_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:

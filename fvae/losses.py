@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fvae import configs
+
 NUM_PIXELS = 28 * 28
 NUM_LEVELS = 256  # 8-bit pixel values, x = k / 255
 LOG_2PI = math.log(2 * math.pi)
@@ -295,7 +297,7 @@ def make_beta_schedule(loss_config: ml_collections.ConfigDict, steps_per_epoch: 
     """
     beta, start = float(loss_config.beta), float(loss_config.beta_start)
     kind = loss_config.beta_schedule
-    warmup = loss_config.warmup_steps or int(round(loss_config.warmup_epochs * steps_per_epoch))
+    warmup = configs.beta_warmup_steps(loss_config, steps_per_epoch)
     cycle = loss_config.cycle_steps or max(1, total_steps // 4)
     ramp = max(1.0, loss_config.cycle_ratio * cycle)
 

@@ -71,9 +71,7 @@ class Schedule:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, num_train: int) -> "Schedule":
-        steps_per_epoch = num_train // config.train.batch_size
-        total = config.train.num_steps or config.train.num_epochs * steps_per_epoch
-        return cls(steps_per_epoch, total)
+        return cls(*configs.run_steps(config, num_train))
 
 
 def make_optimizer(optim_config: ml_collections.ConfigDict,

@@ -23,6 +23,10 @@ def test_every_experiment_is_valid(path):
     ("optim.learning_rate", 0.0, "optim.learning_rate"),
     ("loss.reduction", "mean", "loss.reduction"),  # mean-reduced BCE is not a likelihood
     ("train.batch_size", 0, "train.batch_size"),
+    ("loss.beta", float("nan"), "loss.beta=nan.*finite"),  # NaN fails no comparison
+    ("optim.learning_rate", float("inf"), "optim.learning_rate=inf"),
+    ("model.encoder_widths", (32, 64.5, 128), "model.encoder_widths"),
+    ("model.encoder_strides", (2, 2.0, 1), "model.encoder_strides"),
 ])
 def test_bad_values_name_the_key(key, value, match):
     config = configs.get_base_config()
@@ -45,6 +49,20 @@ def test_unknown_keys_fail():
 def test_batch_larger_than_data_fails_before_training(make_config, tmp_path):
     config = make_config(**{"train.batch_size": 512})  # the tiny set has 256 images
     with pytest.raises(configs.ConfigError, match="train.batch_size"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"loss.beta_schedule": "linear", "loss.warmup_steps": 100}, "loss.warmup_steps=100.*1 to 16"),
+    ({"loss.beta_schedule": "linear", "loss.warmup_epochs": 0.01}, "warmup_epochs=0.01.*not 0"),
+    ({"optim.lr_schedule": "warmup_cosine", "optim.lr_warmup_steps": 16}, "lr_warmup_steps=16"),
+])
+def test_warm_ups_must_fit_the_run(make_config, tmp_path, overrides, match):
+    """A beta warm-up longer than the run ends below loss.beta, one that rounds to no
+    steps is no warm-up: either would be reported as what the config says."""
+    config = make_config(**{"train.num_epochs": 2, **overrides})  # 2 x 8 steps
+    with pytest.raises(configs.ConfigError, match=match):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
