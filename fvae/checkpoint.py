@@ -56,9 +56,12 @@ MODEL_PREFIXES = ("model.", "loss.", "data.binarize")
 
 
 def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
-                       only: tuple[str, ...] | None = None) -> list[str]:
+                       only: tuple[str, ...] | None = None,
+                       lengths_resumable: bool = True) -> list[str]:
     """Keys whose values differ in a way that makes resuming meaningless (or, with
-    `only`, differing keys among those prefixes)."""
+    `only`, differing keys among those prefixes); without `lengths_resumable`, a
+    different length (train.num_epochs, train.num_steps) counts too: what makes a
+    finished run another run."""
     from fvae import configs  # saved configs gain keys added since, at their defaults
     a = configs.flatten(config_to_dict(configs.from_dict(saved)))
     b = configs.flatten(config_to_dict(config))
@@ -66,7 +69,8 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
     if only is not None:
         keys = [k for k in keys if k.startswith(only)]
     else:
-        resumable = RESUMABLE_KEYS + (() if _length_sets_a_schedule(a) else LENGTH_KEYS)
+        lengths = lengths_resumable and not _length_sets_a_schedule(a)
+        resumable = RESUMABLE_KEYS + (LENGTH_KEYS if lengths else ())
         keys = [k for k in keys if k not in resumable and not k.startswith(RESUMABLE_PREFIXES)]
     return [f"{k}: checkpoint has {a.get(k, '<missing>')!r}, config has {b.get(k, '<missing>')!r}"
             for k in keys if a.get(k) != b.get(k)]

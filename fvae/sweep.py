@@ -136,16 +136,22 @@ def run_dir(sweep_dir: pathlib.Path, point: Point, seed: int) -> pathlib.Path:
 
 
 def evaluated(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
-    """Whether the run has an eval.json made with the config's eval settings (one made
-    with others, e.g. before the sweep's IWAE settings changed, is redone)."""
-    path = workdir / "eval.json"
-    if not path.exists():
+    """Whether the run was trained with the config (its length included) and has an
+    eval.json made with the config's eval settings. Otherwise it goes back to training:
+    a run whose length grew resumes, one trained otherwise stops with the differences;
+    an evaluation made with other settings (the sweep's IWAE settings changed) is redone.
+    """
+    from fvae import checkpoint
+    path, trained_with = workdir / "eval.json", workdir / "config.json"
+    if not (path.exists() and trained_with.exists()):
         return False
     try:
         settings = json.loads(path.read_text()).get("eval_settings")
+        saved = json.loads(trained_with.read_text())
     except json.JSONDecodeError:
         return False
-    return settings == configs.flatten(config.eval)
+    return settings == configs.flatten(config.eval) and not checkpoint.config_differences(
+        saved, config, lengths_resumable=False)
 
 
 def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,

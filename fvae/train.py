@@ -548,6 +548,13 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
         restored = [None if ckpt is None else
                     ckpt.restore_latest(checkpoint.state_tree(state, zero_metrics()))
                     for ckpt, state in zip(ckpts, states)]
+        for r, w in zip(restored, workdirs):
+            if r is not None and r[0] > schedule.total_steps:
+                raise checkpoint.CheckpointError(
+                    f"the checkpoint in {w} is at step {r[0]}, past the "
+                    f"{schedule.total_steps} steps this config trains: the run was trained "
+                    "longer. Set train.num_epochs (or train.num_steps) to its length or "
+                    "more, or use a new --workdir.")
         if len({None if r is None else r[0] for r in restored}) > 1:
             logging.info("the seeds' checkpoints are at different steps; training them one "
                          "after another")

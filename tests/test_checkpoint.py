@@ -165,6 +165,10 @@ def test_resuming_with_a_different_model_names_the_keys(make_config, tmp_path):
     # Keys that do not change the run's meaning may differ: training is extended.
     state = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}), str(tmp_path))
     assert int(state.step) == 24
+    # A shorter config would pass the longer run off as its own: refused, nothing moved.
+    with pytest.raises(checkpoint.CheckpointError, match="at step 24, past the 16 steps"):
+        train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))
+    assert checkpoint.load_run(tmp_path).step == 24
 
 
 def largest_file(directory: pathlib.Path) -> pathlib.Path:

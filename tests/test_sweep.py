@@ -85,6 +85,26 @@ def test_quick_sweep_runs_resumes_and_tabulates(tmp_path, tiny_data_dir, monkeyp
                 "step"] == 16  # resumed at its end: nothing more was trained
 
 
+def test_only_a_run_trained_and_evaluated_as_configured_counts_as_done(tmp_path,
+                                                                     tiny_data_dir):
+    """A finished run whose length, data or loss the sweep has since changed is handed
+    back to training (which resumes it or names the difference), never reported."""
+    s = tiny_sweep(tmp_path, tiny_data_dir)
+    config = sweep.point_config(s, sweep.grid(s)[0], 0)
+    run = tmp_path / "run"
+    train.write_config(config, run)
+    (run / "eval.json").write_text(json.dumps({"eval_settings": configs.flatten(config.eval)}))
+    assert sweep.evaluated(run, config)
+    moved = config.copy_and_resolve_references()
+    moved.data.dir = str(tmp_path / "elsewhere")  # where the data are is not the run
+    assert sweep.evaluated(run, moved)
+    for key, value in (("train.num_epochs", 3), ("data.limit_train", 32), ("loss.beta", 0.5),
+                       ("eval.iwae_samples", 7)):
+        other = config.copy_and_resolve_references()
+        configs.set_key(other, key, value)
+        assert not sweep.evaluated(run, other), key
+
+
 @pytest.mark.parametrize("preset,num_points", [("quick", 12), ("full", 48), ("likelihoods", 6)])
 def test_ablation_presets_expand_to_valid_configs(preset, num_points, monkeypatch):
     import pathlib
