@@ -615,7 +615,8 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                     running = [mean_metrics(seed_slice(sums, i, vmapped), step - epoch_start)
                                for i in range(len(run_configs))]
                     for c, metrics in zip(run_configs, running):
-                        check_finite(metrics, step, seed=c.seed if vmapped else None)
+                        if metrics["skipped"] < step - epoch_start:  # (all skipped: no means)
+                            check_finite(metrics, step, seed=c.seed if vmapped else None)
                     bar.set_postfix(loss=f"{np.mean([m['loss'] for m in running]):.2f}",
                                     epoch=epoch + 1)
                 if step == epoch_end:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fvae import checkpoint, losses, train
+from fvae import checkpoint, losses, parallel, train
 from conftest import write_experiment
 from fvae.writer import read_metrics
 
@@ -156,6 +156,20 @@ def test_non_finite_steps_can_be_skipped_and_counted(make_config, tmp_path, monk
     assert all(np.isfinite(r["loss"]) for r in train_lines)
     assert int(state.step) == 16  # skipped steps still advance the step counter
     assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
+
+
+def test_an_epoch_of_skipped_steps_is_logged_not_fatal(make_config, tmp_path, monkeypatch):
+    """With every step skipped there is no mean to check: the run goes on, logs the
+    epoch as skipped and keeps its initial parameters."""
+    monkeypatch.setattr(losses, "vae_loss", nan_loss_when(lambda x: True))
+    config = make_config(**{"train.on_nonfinite": "skip", "train.num_epochs": 1,
+                            "train.log_every_steps": 1})
+    state = train.train_and_evaluate(config, str(tmp_path))
+    [line] = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert line["skipped"] == 8 and int(state.step) == 8
+    initial = train.create_train_state(config, train.build_training_model(
+        config, parallel.make_data_parallel(1)), train.RunKeys.from_seed(config.seed).init, 8)
+    assert_same_params(state.params, initial.params)
 
 
 def test_resuming_with_a_different_model_names_the_keys(make_config, tmp_path):
