@@ -119,15 +119,18 @@ class Checkpointer:
         """Saves `tree` as the best checkpoint if its test ELBO is the lowest so far."""
         if not np.isfinite(test_elbo) or test_elbo >= self.best_elbo:
             return False
-        self._save(self.best, step, tree, self._meta(step, test_elbo=test_elbo))
+        if not self._save(self.best, step, tree, self._meta(step, test_elbo=test_elbo)):
+            return False  # saved before a restart: the files keep that ELBO, and so do we
         self.best_elbo = test_elbo  # only once it is really saved
         return True
 
-    def _save(self, manager, step: int, tree, meta) -> None:
+    def _save(self, manager, step: int, tree, meta) -> bool:
+        """Saves the step unless it is saved already; whether it saved."""
         try:
             if step in manager.all_steps():
-                return  # already saved (e.g. an epoch end that is also a save point)
+                return False  # (e.g. an epoch end that is also a save point)
             manager.save(step, args=self._args(tree, meta), force=True)
+            return True
         except OSError as e:
             raise CheckpointError(
                 f"could not write the checkpoint for step {step} under {self.root}: {e}. "
@@ -191,12 +194,23 @@ class Checkpointer:
     def _set_aside_stale_best(self) -> None:
         """A fresh start must not inherit another run's best checkpoint."""
         for step in self.best.all_steps():
-            destination = self.root / "previous_best" / f"{step}-{int(time.time())}"
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.root / "best" / str(step)), destination)
+            destination = self._move_aside(self.best, step, "previous_best")
             logging.warning("a best checkpoint from an earlier run (step %d) was moved to %s",
                             step, destination)
-        self.best.reload()
+
+    def _move_aside(self, manager, step: int, folder: str) -> pathlib.Path:
+        """Moves a step's checkpoint out of `manager`'s directory into checkpoints/folder
+        (by process 0 alone: every process of a multi-host job gets here) and makes the
+        manager forget it, so that the step can be saved again."""
+        destination = self.root / folder / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(pathlib.Path(manager.directory) / str(step)), destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"fvae_move_{folder}_{step}")
+        manager.reload()
+        return destination
 
     def _read_meta(self, manager, step: int | None) -> dict[str, Any] | None:
         if step is None:
@@ -208,9 +222,7 @@ class Checkpointer:
             return None
 
     def _quarantine(self, step: int, reason: str) -> None:
-        destination = self.root / "corrupt" / f"{step}-{int(time.time())}"
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.root / "latest" / str(step)), destination)
+        destination = self._move_aside(self.latest, step, "corrupt")
         logging.warning("checkpoint at step %d is unreadable (%s); moved it to %s and "
                         "trying the previous one", step, reason[:300], destination)
         self.latest.reload()

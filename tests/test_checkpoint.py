@@ -200,6 +200,9 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(make_config, tmp_path
     assert "checkpoint at step 16 is unreadable" in caplog.text
     assert [p.name.split("-")[0] for p in (workdir / "checkpoints" / "corrupt").iterdir()] == ["16"]
     assert_same_params(state.params, reference.params)
+    # The step set aside was saved again when the resumed run reached it.
+    assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()
+                  if p.name.isdigit()) == ["16", "24", "8"]
 
 
 def test_leftover_temporary_checkpoint_is_ignored(make_config, tmp_path):
@@ -268,3 +271,19 @@ def test_load_latest_best_and_step(make_config, tmp_path):
         checkpoint.load(tmp_path, 5)
     with pytest.raises(checkpoint.CheckpointError, match="is it a training workdir"):
         checkpoint.load(tmp_path / "nothing")
+
+
+def test_a_best_checkpoint_saved_before_a_restart_keeps_its_own_elbo(make_config, tmp_path):
+    """An epoch recomputed after a restart (on a GPU, not bit for bit) cannot claim a
+    lower ELBO for a step whose best checkpoint is already on disk with another."""
+    config = make_config()
+    model = train.build_training_model(config, parallel.make_data_parallel(1))
+    state = train.create_train_state(config, model, jax.random.key(0), 16)
+    tree = checkpoint.state_tree(state, train.zero_metrics())
+    ckpt = checkpoint.Checkpointer(tmp_path, config)
+    assert ckpt.save_best(8, tree, 10.0)
+    ckpt.wait()
+    assert not ckpt.save_best(8, tree, 9.9) and ckpt.best_elbo == 10.0
+    assert ckpt.save_best(16, tree, 9.9) and ckpt.best_elbo == 9.9
+    ckpt.wait()
+    ckpt.close()
