@@ -64,7 +64,12 @@ def load_run(workdir: str | os.PathLike) -> Run:
                                    else " and no metrics.jsonl")
         raise NotARunError(f"{str(path)!r} is not a run directory: it has no {missing}. Pass "
                            "workdirs written by launch.py (fvae.train.train_and_evaluate).")
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise NotARunError(f"{path / 'config.json'} is not valid JSON ({e}); restore it from "
+                           "the checkpoint's copy (checkpoints/latest/*/meta) or leave the "
+                           "run out.") from e
     evaluation = None
     if (path / "eval.json").is_file():
         try:

@@ -88,6 +88,11 @@ def parse_idx(raw: bytes, name: str = "file") -> np.ndarray:
 
 
 def read_idx_gz(path: pathlib.Path) -> np.ndarray:
+    with open(path, "rb") as f:
+        head = f.read(3)
+    if head[:2] == b"\0\0" and head[2:] == b"\x08":  # an IDX file, never gzipped
+        raise DataError(f"{path} is an uncompressed IDX file under a .gz name: compress "
+                        f"it (gzip -k) or put the original .gz download in its place.")
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()

@@ -297,6 +297,8 @@ def _montage(panels: list[tuple[str, pathlib.Path]], path: pathlib.Path, title: 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m fvae.sweep`; given `argv` (a call from another program) it does not
+    restart the process for huge pages (runtime.restart_with_huge_pages)."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -309,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from fvae import logs, runtime
         sweep_config = flags.FLAGS.config
         first = point_config(sweep_config, grid(sweep_config)[0], sweep_config.seeds[0])
-        runtime.restart_with_huge_pages(first)  # first: it starts this process over
+        if argv is None:  # an entry point, not a call from a program (which would restart)
+            runtime.restart_with_huge_pages(first)  # first: it starts this process over
         logs.show_own_info()
         runtime.setup_runtime(first)  # as launch.py does, before any JAX computation
         run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)

@@ -138,6 +138,9 @@ def test_not_a_run_is_named_and_nothing_is_written(trained, tmp_path, capsys):
     (stray / "config.json").write_text((trained / "config.json").read_text())
     with pytest.raises(ValueError, match="eval.json is not valid JSON"):
         compare.load_run(stray)
+    (stray / "config.json").write_text("{")
+    with pytest.raises(compare.NotARunError, match="stray/config.json is not valid JSON"):
+        compare.load_run(stray)
 
 
 def test_nonfinite_metrics_are_gaps_not_errors(trained, tmp_path):

@@ -50,6 +50,13 @@ def test_idx_length_mismatch_is_rejected(tmp_path):
         data.read_idx_gz(path)
 
 
+def test_an_uncompressed_idx_file_under_a_gz_name_is_named_as_such(tmp_path):
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes(3))
+    with pytest.raises(data.DataError, match="uncompressed IDX file.*gzip"):
+        data.read_idx_gz(path)
+
+
 def test_missing_files_without_download_say_how_to_fix(tmp_path):
     with pytest.raises(data.DataError, match="data.dir"):
         data.load_fashion_mnist(tmp_path / "empty", allow_download=False)
