@@ -344,6 +344,11 @@ def beta_warmup_steps(loss_config: ml_collections.ConfigDict, steps_per_epoch: i
     return loss_config.warmup_steps or int(round(loss_config.warmup_epochs * steps_per_epoch))
 
 
+def beta_cycle_steps(loss_config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """Steps of one cycle of the cyclical beta: loss.cycle_steps, or a quarter of the run."""
+    return loss_config.cycle_steps or max(1, total_steps // 4)
+
+
 def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> None:
     """Checks the values that depend on the data, before the first step: the batch, and
     warm-ups that must fit the run (a beta that never reaches loss.beta would be
@@ -360,6 +365,10 @@ def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> Non
             _fail(key, get_key(config, key),
                   f"a warm-up of 1 to {total} steps, the run's length ({steps_per_epoch} "
                   f"steps per epoch), not {warmup}: lengthen or shorten it, or train longer")
+    if config.loss.beta_schedule == "cyclical" and beta_cycle_steps(config.loss, total) < 2:
+        _fail("loss.cycle_steps", config.loss.cycle_steps,
+              f"at least 2 (a cycle of one step never leaves loss.beta_start); the run's "
+              f"{total} steps give {beta_cycle_steps(config.loss, total)} by default")
     if config.optim.lr_schedule == "warmup_cosine" and config.optim.lr_warmup_steps >= total:
         _fail("optim.lr_warmup_steps", config.optim.lr_warmup_steps,
               f"fewer than the run's {total} steps, so that the cosine decay has steps left")

@@ -298,7 +298,7 @@ def make_beta_schedule(loss_config: ml_collections.ConfigDict, steps_per_epoch: 
     beta, start = float(loss_config.beta), float(loss_config.beta_start)
     kind = loss_config.beta_schedule
     warmup = configs.beta_warmup_steps(loss_config, steps_per_epoch)
-    cycle = loss_config.cycle_steps or max(1, total_steps // 4)
+    cycle = configs.beta_cycle_steps(loss_config, total_steps)
     ramp = max(1.0, loss_config.cycle_ratio * cycle)
 
     def schedule(step):

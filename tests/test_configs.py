@@ -57,6 +57,8 @@ def test_batch_larger_than_data_fails_before_training(make_config, tmp_path):
     ({"loss.beta_schedule": "linear", "loss.warmup_steps": 100}, "loss.warmup_steps=100.*1 to 16"),
     ({"loss.beta_schedule": "linear", "loss.warmup_epochs": 0.01}, "warmup_epochs=0.01.*not 0"),
     ({"optim.lr_schedule": "warmup_cosine", "optim.lr_warmup_steps": 16}, "lr_warmup_steps=16"),
+    ({"loss.beta_schedule": "cyclical", "train.num_steps": 7}, "cycle_steps=0.*give 1"),
+    ({"loss.beta_schedule": "cyclical", "loss.cycle_steps": 1}, "cycle_steps=1"),
 ])
 def test_warm_ups_must_fit_the_run(make_config, tmp_path, overrides, match):
     """A beta warm-up longer than the run ends below loss.beta, one that rounds to no
