@@ -69,6 +69,15 @@ class Schedule:
     def num_epochs(self) -> int:
         return -(-self.total_steps // self.steps_per_epoch)
 
+    def log_resume_step(self, step: int) -> int:
+        """The last step whose log lines a run resumed at `step` keeps: `step`, or, when
+        `step` falls inside an epoch this run finishes (a shorter run ended there and
+        wrote that partial epoch's lines), the epoch's start: the lines are written
+        again, whole, when the epoch ends (its sums were saved unreset)."""
+        if step < self.total_steps:
+            return step - step % self.steps_per_epoch
+        return step
+
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, num_train: int) -> "Schedule":
         return cls(*configs.run_steps(config, num_train))
@@ -573,7 +582,8 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
         for c, w, r in zip(run_configs, workdirs, restored):
             if primary:
                 write_config(c, w)
-            writers.append(MetricsWriter(w, resume_step=None if r is None else r[0],
+            writers.append(MetricsWriter(w, resume_step=None if r is None else
+                                         schedule.log_resume_step(r[0]),
                                          tensorboard=config.train.tensorboard,
                                          primary=primary))
 
@@ -629,8 +639,11 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                                    images_per_sec, start_time, beta_schedule, eval_step,
                                    dataset, test_inputs, run_keys[i], writers[i], ckpts[i],
                                    bar, dp, label=f"seed {c.seed}, " if vmapped else "")
-                    sums = dp.replicate(stack_seeds([zero_metrics() for _ in run_configs],
-                                                    vmapped))
+                    if step - epoch_start == schedule.steps_per_epoch:  # else the run ends
+                        # mid-epoch: its sums are saved as they are, for a longer run to
+                        # finish the epoch from (see Schedule.log_resume_step)
+                        sums = dp.replicate(stack_seeds([zero_metrics() for _ in run_configs],
+                                                        vmapped))
                     timer_step, timer_t0 = step, time.time()
                 # A stop request (possibly arriving during the epoch's evaluation) always
                 # saves, so the message below never promises a checkpoint that is not there.

@@ -185,6 +185,19 @@ def test_resuming_with_a_different_model_names_the_keys(make_config, tmp_path):
     assert checkpoint.load_run(tmp_path).step == 24
 
 
+def test_extending_a_run_that_ended_mid_epoch_equals_the_longer_run(make_config, tmp_path):
+    """A 12-step run (its second epoch cut at 4 of 8 steps) extended to 24 steps logs
+    what a 24-step run logs: the second epoch once, whole, with the same parameters."""
+    longer = make_config(**{"train.num_steps": 24})
+    reference = train.train_and_evaluate(longer, str(tmp_path / "uninterrupted"))
+    train.train_and_evaluate(make_config(**{"train.num_steps": 12}), str(tmp_path / "run"))
+    assert [(r["epoch"], r["step"]) for r in read_metrics(tmp_path / "run")
+            if r["split"] == "train"] == [(1, 8), (2, 12)]
+    state = train.train_and_evaluate(longer, str(tmp_path / "run"))
+    assert_same_metrics(tmp_path / "uninterrupted", tmp_path / "run")
+    assert_same_params(state.params, reference.params)
+
+
 def largest_file(directory: pathlib.Path) -> pathlib.Path:
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
