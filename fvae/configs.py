@@ -361,10 +361,11 @@ def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> Non
     if config.loss.beta_schedule == "linear":
         key = "loss.warmup_steps" if config.loss.warmup_steps else "loss.warmup_epochs"
         warmup = beta_warmup_steps(config.loss, steps_per_epoch)
-        if not 1 <= warmup <= total:
-            _fail(key, get_key(config, key),
-                  f"a warm-up of 1 to {total} steps, the run's length ({steps_per_epoch} "
-                  f"steps per epoch), not {warmup}: lengthen or shorten it, or train longer")
+        if not 1 <= warmup < total:  # beta reaches loss.beta at step `warmup`; the last
+            _fail(key, get_key(config, key),  # step trained is total - 1
+                  f"a warm-up of 1 to {total - 1} steps, within the run's {total} "
+                  f"({steps_per_epoch} steps per epoch), not {warmup}: beta must reach "
+                  "loss.beta. Lengthen or shorten it, or train longer")
     if config.loss.beta_schedule == "cyclical" and beta_cycle_steps(config.loss, total) < 2:
         _fail("loss.cycle_steps", config.loss.cycle_steps,
               f"at least 2 (a cycle of one step never leaves loss.beta_start); the run's "

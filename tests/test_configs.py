@@ -54,7 +54,8 @@ def test_batch_larger_than_data_fails_before_training(make_config, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"loss.beta_schedule": "linear", "loss.warmup_steps": 100}, "loss.warmup_steps=100.*1 to 16"),
+    ({"loss.beta_schedule": "linear", "loss.warmup_steps": 100}, "loss.warmup_steps=100.*1 to 15"),
+    ({"loss.beta_schedule": "linear", "loss.warmup_steps": 16}, "warmup_steps=16"),  # never there
     ({"loss.beta_schedule": "linear", "loss.warmup_epochs": 0.01}, "warmup_epochs=0.01.*not 0"),
     ({"optim.lr_schedule": "warmup_cosine", "optim.lr_warmup_steps": 16}, "lr_warmup_steps=16"),
     ({"loss.beta_schedule": "cyclical", "train.num_steps": 7}, "cycle_steps=0.*give 1"),
