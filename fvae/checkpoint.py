@@ -198,6 +198,18 @@ class Checkpointer:
             logging.warning("a best checkpoint from an earlier run (step %d) was moved to %s",
                             step, destination)
 
+    def set_aside_best_after(self, step: int) -> None:
+        """Moves best checkpoints saved after `step` to checkpoints/previous_best and
+        forgets their ELBO: a resumed run that rewrites its log from `step` (see
+        train.Schedule.log_resume_step) drops their test lines and evaluates again."""
+        later = [s for s in self.best.all_steps() if s > step]
+        for best_step in later:
+            destination = self._move_aside(self.best, best_step, "previous_best")
+            logging.warning("the best checkpoint at step %d belongs to a shorter run's last, "
+                            "partial epoch; moved it to %s", best_step, destination)
+        if later:
+            self.best_elbo = float("inf")
+
     def _move_aside(self, manager, step: int, folder: str) -> pathlib.Path:
         """Moves a step's checkpoint out of `manager`'s directory into checkpoints/folder
         (by process 0 alone: every process of a multi-host job gets here) and makes the

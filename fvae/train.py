@@ -572,18 +572,25 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
             ckpts = []
             return [train_seeds([c], [w])[0] for c, w in zip(run_configs, workdirs)]
         run_sums = [zero_metrics() for _ in run_configs]
+        log_from = [None if r is None else schedule.log_resume_step(r[0]) for r in restored]
+        sums_from = 0  # the step the restored epoch sums count from, if after its start
         for i, r in enumerate(restored):
             if r is not None:
                 states[i] = serialization.from_state_dict(states[i], r[1]["train_state"])
                 run_sums[i] = {k: jnp.asarray(v) for k, v in r[1]["epoch_sums"].items()}
                 logging.info("resuming %s from the checkpoint at step %d in %s",
                              config.name, r[0], workdirs[i])
+                if log_from[i] < r[0] and not any(float(v) for v in run_sums[i].values()):
+                    # An earlier fvae ended this run mid-epoch with its sums reset: keep
+                    # that partial epoch's lines, count the rest's means from here.
+                    log_from[i] = sums_from = r[0]
+                elif log_from[i] < r[0] and ckpts[i] is not None:
+                    ckpts[i].set_aside_best_after(log_from[i])  # its test line is redone
         primary = jax.process_index() == 0  # of a multi-host job, one process writes files
-        for c, w, r in zip(run_configs, workdirs, restored):
+        for c, w, resume_log in zip(run_configs, workdirs, log_from):
             if primary:
                 write_config(c, w)
-            writers.append(MetricsWriter(w, resume_step=None if r is None else
-                                         schedule.log_resume_step(r[0]),
+            writers.append(MetricsWriter(w, resume_step=resume_log,
                                          tensorboard=config.train.tensorboard,
                                          primary=primary))
 
@@ -611,6 +618,7 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                     perm_epoch, perm = epoch, dp.replicate(stack_seeds(
                         [epoch_permutation(k.data, epoch, len(dataset.train_images))
                          for k in run_keys], vmapped))
+                counted_from = max(epoch_start, sums_from)  # the steps the sums hold
                 n = chunk_length(step, epoch_start, epoch_end, per_dispatch)
                 state, chunk = train_chunk(state, train_images, perm, train_key, num_steps=n)
                 sums = jax.tree.map(jnp.add, sums, chunk)
@@ -622,10 +630,10 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                 if save_now or step == epoch_end or stop.signum is not None or \
                         step // config.train.log_every_steps > \
                         previous // config.train.log_every_steps:
-                    running = [mean_metrics(seed_slice(sums, i, vmapped), step - epoch_start)
+                    running = [mean_metrics(seed_slice(sums, i, vmapped), step - counted_from)
                                for i in range(len(run_configs))]
                     for c, metrics in zip(run_configs, running):
-                        if metrics["skipped"] < step - epoch_start:  # (all skipped: no means)
+                        if metrics["skipped"] < step - counted_from:  # (all skipped: no means)
                             check_finite(metrics, step, seed=c.seed if vmapped else None)
                     bar.set_postfix(loss=f"{np.mean([m['loss'] for m in running]):.2f}",
                                     epoch=epoch + 1)
@@ -635,7 +643,7 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                                       / (time.time() - timer_t0))
                     for i, c in enumerate(run_configs):
                         _end_epoch(c, model, seed_slice(state, i, vmapped),
-                                   seed_slice(sums, i, vmapped), step, epoch, epoch_start,
+                                   seed_slice(sums, i, vmapped), step, epoch, counted_from,
                                    images_per_sec, start_time, beta_schedule, eval_step,
                                    dataset, test_inputs, run_keys[i], writers[i], ckpts[i],
                                    bar, dp, label=f"seed {c.seed}, " if vmapped else "")
@@ -686,11 +694,11 @@ def close_all(ckpts, writers, raise_first: bool = True) -> None:
         logging.error("while closing the run's files: %s", e)
 
 
-def _end_epoch(config, model, state, sums, step, epoch, epoch_start, images_per_sec,
+def _end_epoch(config, model, state, sums, step, epoch, counted_from, images_per_sec,
                start_time, beta_schedule, eval_step, dataset, test_inputs, keys, writer,
                ckpt, bar, dp, label: str = "") -> None:
     """Writes the epoch's train and test lines and keeps the best checkpoint."""
-    train_metrics = mean_metrics(sums, step - epoch_start)
+    train_metrics = mean_metrics(sums, step - counted_from)
     common = {"epoch": epoch + 1, "step": step, "wall_time": time.time() - start_time}
     writer.write({"split": "train", **common, **train_metrics,
                   "images_per_sec": images_per_sec})

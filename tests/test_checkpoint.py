@@ -196,6 +196,33 @@ def test_extending_a_run_that_ended_mid_epoch_equals_the_longer_run(make_config,
     state = train.train_and_evaluate(longer, str(tmp_path / "run"))
     assert_same_metrics(tmp_path / "uninterrupted", tmp_path / "run")
     assert_same_params(state.params, reference.params)
+    # The short run's best checkpoint, at the partial epoch's end, was set aside.
+    assert checkpoint.load_run(tmp_path / "run", "best").step == checkpoint.load_run(
+        tmp_path / "uninterrupted", "best").step
+    assert 12 not in checkpoint.Checkpointer(tmp_path / "run", longer).best.all_steps()
+
+
+def test_extending_an_earlier_fvaes_mid_epoch_end_keeps_its_lines(make_config, tmp_path):
+    """fvae before 39f2108 saved a run that ended mid-epoch with its sums reset: the
+    longer run keeps the partial epoch's lines and averages the rest over its own steps
+    (not over the whole epoch, which halved them)."""
+    import shutil
+    config = make_config(**{"train.num_steps": 12})
+    train.train_and_evaluate(config, str(tmp_path))
+    ckpt = checkpoint.Checkpointer(tmp_path, config)  # rewrite step 12 as it was saved
+    [_, tree] = ckpt.restore_latest(checkpoint.state_tree(
+        train.create_train_state(config, train.build_training_model(
+            config, parallel.make_data_parallel(1)), jax.random.key(0), 12),
+        train.zero_metrics()))
+    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "12")
+    ckpt.latest.reload()
+    ckpt.save(12, {**tree, "epoch_sums": train.zero_metrics()})
+    ckpt.wait()
+    ckpt.close()
+    train.train_and_evaluate(make_config(**{"train.num_steps": 24}), str(tmp_path))
+    lines = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert [(r["epoch"], r["step"]) for r in lines] == [(1, 8), (2, 12), (2, 16), (3, 24)]
+    assert 0.8 < lines[2]["loss"] / lines[1]["loss"] < 1.25  # not halved
 
 
 def largest_file(directory: pathlib.Path) -> pathlib.Path:
