@@ -146,12 +146,32 @@ def evaluated(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
     if not (path.exists() and trained_with.exists()):
         return False
     try:
-        settings = json.loads(path.read_text()).get("eval_settings")
-        saved = json.loads(trained_with.read_text())
-    except json.JSONDecodeError:
+        evaluation = json.loads(path.read_text())
+        differences = checkpoint.config_differences(json.loads(trained_with.read_text()),
+                                                    config, lengths_resumable=False)
+    except (json.JSONDecodeError, configs.ConfigError):  # (training will say what is wrong)
         return False
-    return settings == configs.flatten(config.eval) and not checkpoint.config_differences(
-        saved, config, lengths_resumable=False)
+    if config.loss.likelihood == "gaussian" and config.loss.gaussian_variance == "optimal" \
+            and "gaussian_log_sigma" not in evaluation:
+        return False  # scored before evaluation fixed its sigma (fvae.evaluate): redone
+    return evaluation.get("eval_settings") == configs.flatten(config.eval) and not differences
+
+
+def set_aside_shorter_evaluation(workdir: pathlib.Path, config: ml_collections.ConfigDict
+                                 ) -> None:
+    """Renames eval.json to eval.shorter_run.json when the run is about to be trained on
+    (its config differs from `config` in length only), so that, should that training be
+    interrupted, the shorter run's evaluation is not taken for the longer run's."""
+    from fvae import checkpoint
+    path = workdir / "eval.json"
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+        longer = not checkpoint.config_differences(saved, config) and \
+            checkpoint.config_differences(saved, config, lengths_resumable=False)
+    except (OSError, json.JSONDecodeError, configs.ConfigError):
+        return
+    if longer and path.exists():
+        path.replace(workdir / "eval.shorter_run.json")
 
 
 def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
@@ -179,6 +199,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
                      len(seeds) - len(todo), len(seeds))
         if not todo:
             continue
+        for config, workdir in todo:
+            set_aside_shorter_evaluation(workdir, config)
         logging.info("training seeds %s", [c.seed for c, _ in todo])
         if together and len(todo) > 1:
             train.train_seeds([c for c, _ in todo], [w for _, w in todo])

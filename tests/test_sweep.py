@@ -103,6 +103,17 @@ def test_only_a_run_trained_and_evaluated_as_configured_counts_as_done(tmp_path,
         other = config.copy_and_resolve_references()
         configs.set_key(other, key, value)
         assert not sweep.evaluated(run, other), key
+    # Before a longer run trains on, the shorter run's evaluation is set aside (were that
+    # training interrupted, config.json would already name the longer run); a run that
+    # training will refuse keeps its evaluation.
+    sweep.set_aside_shorter_evaluation(run, other)  # eval.iwae_samples: not a new run
+    configs.set_key(other, "loss.beta", 0.5)
+    sweep.set_aside_shorter_evaluation(run, other)
+    assert (run / "eval.json").exists()
+    longer = config.copy_and_resolve_references()
+    longer.train.num_epochs = 3
+    sweep.set_aside_shorter_evaluation(run, longer)
+    assert not (run / "eval.json").exists() and (run / "eval.shorter_run.json").exists()
 
 
 @pytest.mark.parametrize("preset,num_points", [("quick", 12), ("full", 48), ("likelihoods", 6)])
