@@ -198,11 +198,12 @@ class Checkpointer:
             logging.warning("a best checkpoint from an earlier run (step %d) was moved to %s",
                             step, destination)
 
-    def set_aside_best_after(self, step: int) -> None:
-        """Moves best checkpoints saved after `step` to checkpoints/previous_best and
-        forgets their ELBO: a resumed run that rewrites its log from `step` (see
-        train.Schedule.log_resume_step) drops their test lines and evaluates again."""
-        later = [s for s in self.best.all_steps() if s > step]
+    def set_aside_best_between(self, after: int, upto: int) -> None:
+        """Moves best checkpoints of steps in (after, upto] to checkpoints/previous_best
+        and forgets their ELBO: a run resumed at `upto` that rewrites its log from
+        `after` (see train.Schedule.log_resume_step) drops their test lines. (A best
+        step past `upto` is one the resumed run recomputes: save_best keeps it.)"""
+        later = [s for s in self.best.all_steps() if after < s <= upto]
         for best_step in later:
             destination = self._move_aside(self.best, best_step, "previous_best")
             logging.warning("the best checkpoint at step %d belongs to a shorter run's last, "

@@ -585,7 +585,7 @@ def train_seeds(run_configs: Sequence[ml_collections.ConfigDict],
                     # that partial epoch's lines, count the rest's means from here.
                     log_from[i] = sums_from = r[0]
                 elif log_from[i] < r[0] and ckpts[i] is not None:
-                    ckpts[i].set_aside_best_after(log_from[i])  # its test line is redone
+                    ckpts[i].set_aside_best_between(log_from[i], r[0])  # line dropped
         primary = jax.process_index() == 0  # of a multi-host job, one process writes files
         for c, w, resume_log in zip(run_configs, workdirs, log_from):
             if primary:
