@@ -7,7 +7,7 @@
 `quick` answers the study's three questions on a subset of the data (12 points x 2
 seeds, about 20 minutes on a 2-core CPU); `likelihoods` puts the principled likelihoods
 beside BCE and MSE at the same size; `full` is the whole grid on all of the data (about
-a week on a 2-core CPU; see the README).
+a week on a 2-core CPU).
 """
 
 import ml_collections
@@ -36,7 +36,8 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         sweep.axes.latent = (32,)
         sweep.axes.warmup = ("on", "off")
         sweep.seeds = (0, 1)
-        sweep.overrides.train = {"num_epochs": 4, "eval_batch_size": 500}
+        sweep.overrides.train = {"num_epochs": 4}
+        sweep.overrides.runtime = {"eval_batch_size": 500}
         sweep.overrides.data = {"limit_train": 2048, "limit_test": 1000}
         sweep.overrides.eval = {"iwae_samples": 100, "iwae_num_images": 200}
     elif preset == "likelihoods":  # the principled likelihoods beside BCE and MSE, beta 1
@@ -46,7 +47,8 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         sweep.axes.latent = (32,)
         sweep.axes.warmup = ("on",)
         sweep.seeds = (0,)
-        sweep.overrides.train = {"num_epochs": 4, "eval_batch_size": 500}
+        sweep.overrides.train = {"num_epochs": 4}
+        sweep.overrides.runtime = {"eval_batch_size": 500}
         sweep.overrides.data = {"limit_train": 2048, "limit_test": 1000}
         sweep.overrides.eval = {"iwae_samples": 100, "iwae_num_images": 200}
     else:

@@ -27,7 +27,31 @@ DATA_SOURCES = ("idx", "tfds")
 BINARIZE_MODES = ("none", "dynamic")
 CROSS_DEVICE_REDUCES = ("auto", "host", "xla")  # see fvae.parallel
 CPU_CONVOLUTIONS = ("eigen", "xla_default")  # see fvae.runtime
-CPU_CONV3X3 = ("fvae", "xla")  # see fvae.cpu_kernels
+CPU_CONV3X3 = ("fvae", "xla")  # see fvae/cpu/__init__.py
+
+
+# What may change when a run resumes follows from the block: how to compute (runtime),
+# report, save or evaluate, not what is trained. Beyond them only the run's name and
+# where the data comes from (its checksums are checked, whatever the path).
+RESUMABLE_BLOCKS = ("runtime", "report", "checkpoint", "eval")
+RESUMABLE_KEYS = ("name", "data.dir", "data.download", "data.verify_checksums")
+# Keys an earlier fvae had, and where they live now (for the error an old command gets).
+MOVED_KEYS = {**{f"train.{k}": f"runtime.{k}" for k in (
+    "num_devices", "steps_per_dispatch", "cross_device_reduce", "cpu_devices",
+    "cpu_convolutions", "cpu_conv3x3", "huge_pages", "eval_batch_size")},
+    **{f"train.{k}": f"report.{k}" for k in (
+        "log_every_steps", "progress_bar", "num_figure_images", "tensorboard",
+        "epoch_metrics_images")}}
+# The length of training: resumable (a longer run extends a shorter one) unless a
+# schedule is shaped by it.
+LENGTH_KEYS = ("train.num_epochs", "train.num_steps")
+# The keys that define the trained model itself: what evaluating a checkpoint needs.
+MODEL_PREFIXES = ("model.", "loss.", "data.binarize")
+
+
+def is_resumable(key: str) -> bool:
+    """Whether a dotted key may differ between a run and its resumption."""
+    return key in RESUMABLE_KEYS or key.split(".", 1)[0] in RESUMABLE_BLOCKS
 
 
 class ConfigError(ValueError):
@@ -97,27 +121,34 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 128
     c.train.num_epochs = 10
     c.train.num_steps = 0  # >0: train this many steps instead of num_epochs
-    c.train.eval_batch_size = 1000
-    c.train.steps_per_dispatch = 0  # steps per compiled call; 0: per-platform default
-    c.train.num_devices = 0  # devices to split each batch over; 0: all
-    c.train.cpu_devices = 1  # CPU devices to ask XLA for; 0: up to one per core that the
-    # batch sizes divide (one device uses every core with Eigen convolutions)
-    c.train.cpu_convolutions = "eigen"  # XLA:CPU's convolution kernels: 'eigen' (multi-
-    # threaded) or 'xla_default' (YNNPACK on jaxlib 0.10); see fvae.runtime
-    c.train.cpu_conv3x3 = "fvae"  # 3x3 convs (stride 1, and the stride-2 transposed
-    # ones) and their gradients on CPU: 'fvae' (its own kernels, compiled on first use)
-    # or 'xla'; see fvae.cpu_kernels
-    c.train.huge_pages = True  # glibc's malloc asks for transparent huge pages (Linux;
-    # launch.py restarts itself once to set it); see fvae.runtime
-    c.train.cross_device_reduce = "auto"  # gradient sum across devices: 'host' (the CPU
-    # runtime copies them), 'xla' (an all-reduce), 'auto': host on CPU in one process
-    c.train.log_every_steps = 50  # progress-bar refresh
-    c.train.progress_bar = True
-    c.train.num_figure_images = 16  # per figure, at the end of training; 0: no figures
-    # (`launch.py --mode plot` draws them from the checkpoint later)
-    c.train.tensorboard = True  # also write workdir/tensorboard/ event files
-    c.train.epoch_metrics_images = 1000  # test images for per-epoch SSIM etc.; 0: off
     c.train.on_nonfinite = "stop"  # 'stop' with an error, or 'skip' the step and count it
+
+    # What a run reports while it trains; every key here may change when it resumes.
+    c.report = ml_collections.ConfigDict()
+    c.report.log_every_steps = 50  # progress-bar refresh
+    c.report.progress_bar = True
+    c.report.num_figure_images = 16  # per figure, at the end of training; 0: no figures
+    # (`launch.py --mode plot` draws them from the checkpoint later)
+    c.report.tensorboard = True  # also write workdir/tensorboard/ event files
+    c.report.epoch_metrics_images = 1000  # test images for per-epoch SSIM etc.; 0: off
+
+    # How to compute, not what: the machine settings. Every key here may change when a
+    # run resumes.
+    c.runtime = ml_collections.ConfigDict()
+    c.runtime.eval_batch_size = 1000  # test images per evaluation call
+    c.runtime.num_devices = 0  # devices to split each batch over; 0: all
+    c.runtime.steps_per_dispatch = 0  # steps per compiled call; 0: per-platform default
+    c.runtime.cross_device_reduce = "auto"  # gradient sum across devices: 'host' (the CPU
+    # runtime copies them), 'xla' (an all-reduce), 'auto': host on CPU in one process
+    c.runtime.cpu_devices = 1  # CPU devices to ask XLA for; 0: up to one per core that
+    # the batch sizes divide (one device uses every core with Eigen convolutions)
+    c.runtime.cpu_convolutions = "eigen"  # XLA:CPU's convolution kernels: 'eigen' (multi-
+    # threaded) or 'xla_default' (YNNPACK on jaxlib 0.10); see fvae.cpu
+    c.runtime.cpu_conv3x3 = "fvae"  # 3x3 convs (stride 1, and the stride-2 transposed
+    # ones) and their gradients on CPU: 'fvae' (its own kernels, compiled on first use)
+    # or 'xla'; see fvae.cpu
+    c.runtime.huge_pages = True  # glibc's malloc asks for transparent huge pages (Linux;
+    # launch.py restarts itself once to set it); see fvae.cpu
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.enabled = True
@@ -235,12 +266,35 @@ def decoder_scales_for(loss_config: ml_collections.ConfigDict) -> tuple[str, ...
     return ("none",)
 
 
+def check_keys(keys) -> None:
+    """Raises ConfigError for keys the base config lacks, naming where a moved one went."""
+    unknown = sorted(set(keys) - set(flatten(get_base_config())))
+    if not unknown:
+        return
+    moved = [f"{k} is now {MOVED_KEYS[k]}" for k in unknown if k in MOVED_KEYS]
+    raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. " + (
+        f"Moved: {'; '.join(moved)}." if moved else
+        "Check the spelling against fvae/configs.py:get_base_config()."))
+
+
+def check_override_flags(argv: list[str], flag: str = "config") -> None:
+    """Raises ConfigError for a `--config.KEY=...` override of a key the base config
+    lacks, before the flags are parsed (ml_collections would raise a bare traceback)."""
+    prefix = f"--{flag}."
+    check_keys(arg[len(prefix):].split("=", 1)[0] for arg in argv if arg.startswith(prefix))
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad key; returns the config unchanged."""
-    unknown = sorted(set(flatten(config)) - set(flatten(get_base_config())))
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. "
-                          "Check the spelling against fvae/configs.py:get_base_config().")
+    check_keys(flatten(config))
+    for check in (_validate_data_and_model, _validate_loss, _validate_optim,
+                  _validate_train_and_runtime, _validate_checkpoint_and_eval):
+        check(config)
+    return config
+
+
+def _validate_data_and_model(config: ml_collections.ConfigDict) -> None:
+    """The data and model blocks."""
     _check_in(config, "data.source", DATA_SOURCES)
     _check_min(config, "data.limit_train", 0, integer=True)
     _check_min(config, "data.limit_test", 0, integer=True)
@@ -259,6 +313,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("model.encoder_strides", config.model.encoder_strides,
               "three strides, two of them 2 and one 1 (28x28 -> 7x7)")
     _check_min(config, "model.encoder_dense", 1, integer=True)
+
+
+def _validate_loss(config: ml_collections.ConfigDict) -> None:
+    """The loss block: likelihood, its reduction and scale, and beta's schedule."""
     _check_in(config, "loss.likelihood", LIKELIHOODS)
     _check_in(config, "loss.reduction", REDUCTIONS)
     if config.loss.likelihood != "mse" and config.loss.reduction != "sum":
@@ -289,6 +347,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.loss.warmup_steps and config.loss.warmup_epochs:
         _fail("loss.warmup_epochs", config.loss.warmup_epochs,
               "0 when loss.warmup_steps is set (give the warm-up in one unit)")
+
+
+def _validate_optim(config: ml_collections.ConfigDict) -> None:
+    """The optimizer block."""
     _check_in(config, "optim.name", OPTIMIZERS)
     if config.optim.lr_warmup_steps and config.optim.lr_schedule != "warmup_cosine":
         _fail("optim.lr_warmup_steps", config.optim.lr_warmup_steps,
@@ -302,22 +364,30 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_min(config, "optim.lr_warmup_steps", 0, integer=True)
     _check_min(config, "optim.weight_decay", 0.0)
     _check_min(config, "optim.grad_clip_norm", 0.0)
+
+
+def _validate_train_and_runtime(config: ml_collections.ConfigDict) -> None:
+    """The train and runtime blocks."""
     _check_min(config, "train.batch_size", 1, integer=True)
     _check_min(config, "train.num_epochs", 0, integer=True)
     _check_min(config, "train.num_steps", 0, integer=True)
     if config.train.num_epochs == 0 and config.train.num_steps == 0:
         _fail("train.num_epochs", 0, "num_epochs >= 1 or num_steps >= 1")
-    _check_min(config, "train.eval_batch_size", 1, integer=True)
-    _check_min(config, "train.steps_per_dispatch", 0, integer=True)
-    _check_min(config, "train.num_devices", 0, integer=True)
-    _check_min(config, "train.cpu_devices", 0, integer=True)
-    _check_min(config, "train.log_every_steps", 1, integer=True)
-    _check_min(config, "train.num_figure_images", 0, integer=True)
+    _check_min(config, "runtime.eval_batch_size", 1, integer=True)
+    _check_min(config, "runtime.steps_per_dispatch", 0, integer=True)
+    _check_min(config, "runtime.num_devices", 0, integer=True)
+    _check_min(config, "runtime.cpu_devices", 0, integer=True)
+    _check_min(config, "report.log_every_steps", 1, integer=True)
+    _check_min(config, "report.num_figure_images", 0, integer=True)
     _check_in(config, "train.on_nonfinite", ("stop", "skip"))
-    _check_in(config, "train.cross_device_reduce", CROSS_DEVICE_REDUCES)
-    _check_in(config, "train.cpu_convolutions", CPU_CONVOLUTIONS)
-    _check_in(config, "train.cpu_conv3x3", CPU_CONV3X3)
-    _check_min(config, "train.epoch_metrics_images", 0, integer=True)
+    _check_in(config, "runtime.cross_device_reduce", CROSS_DEVICE_REDUCES)
+    _check_in(config, "runtime.cpu_convolutions", CPU_CONVOLUTIONS)
+    _check_in(config, "runtime.cpu_conv3x3", CPU_CONV3X3)
+    _check_min(config, "report.epoch_metrics_images", 0, integer=True)
+
+
+def _validate_checkpoint_and_eval(config: ml_collections.ConfigDict) -> None:
+    """The checkpoint and eval blocks."""
     _check_min(config, "checkpoint.every_steps", 0, integer=True)
     _check_min(config, "checkpoint.keep", 1, integer=True)
     for key in ("eval.iwae_samples", "eval.elbo_samples", "eval.classifier_epochs",
@@ -330,7 +400,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.eval.fd_num_samples == 1:
         _fail("eval.fd_num_samples", 1, "0 (one per test image) or at least 2 (a covariance "
               "needs two samples)")
-    return config
 
 
 def run_steps(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
@@ -377,7 +446,7 @@ def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> Non
 
 def check_against_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Batches are split evenly across devices: their sizes must divide."""
-    for key in ("train.batch_size", "train.eval_batch_size"):
+    for key in ("train.batch_size", "runtime.eval_batch_size"):
         if get_key(config, key) % num_devices:
             _fail(key, get_key(config, key), f"a multiple of the {num_devices} devices the batch "
-                  "is split over; change it or set train.num_devices")
+                  "is split over; change it or set runtime.num_devices")

@@ -46,6 +46,29 @@ def test_unknown_keys_fail():
         configs.validate(unlocked)
 
 
+def test_a_moved_key_names_where_it_went():
+    unlocked = configs.get_base_config().unlock()
+    unlocked.train.cpu_conv3x3 = "xla"
+    with pytest.raises(configs.ConfigError, match="train.cpu_conv3x3 is now runtime.cpu_conv3x3"):
+        configs.validate(unlocked)
+    with pytest.raises(configs.ConfigError, match="train.progress_bar is now report.progress_bar"):
+        configs.check_override_flags(["launch.py", "--config", "x.py",
+                                      "--config.train.progress_bar=False"])
+    configs.check_override_flags(["launch.py", "--config.report.progress_bar", "False",
+                                  "--config.model.encoder_widths=(8,16,16)"])
+    assert set(configs.MOVED_KEYS.values()) <= set(configs.flatten(configs.get_base_config()))
+
+
+def test_resumable_keys_follow_from_their_blocks():
+    """Every key of the runtime, report, checkpoint and eval blocks may change on resume;
+    of the rest only the name and where the data is read from."""
+    keys = configs.flatten(configs.get_base_config())
+    resumable = {k for k in keys if configs.is_resumable(k)}
+    blocks = {k for k in keys if k.split(".")[0] in ("runtime", "report", "checkpoint", "eval")}
+    assert resumable == blocks | {"name", "data.dir", "data.download", "data.verify_checksums"}
+    assert not configs.is_resumable("train.batch_size") and not configs.is_resumable("seed")
+
+
 def test_batch_larger_than_data_fails_before_training(make_config, tmp_path):
     config = make_config(**{"train.batch_size": 512})  # the tiny set has 256 images
     with pytest.raises(configs.ConfigError, match="train.batch_size"):
