@@ -1,16 +1,33 @@
 """The study's VAEs as Flax linen modules.
 
-`ConvVAE` is the study's high-capacity model; `KerasVAE` is the classic small model
-of the Keras example. Both decoders return logits (pre-sigmoid); what a logit means
-as an image is the likelihood's business (`fvae.losses.pixel_mean`). Likelihoods with
-a scale (model.decoder_scale) get a second channel holding its log: one learned
-scalar shared by all pixels ('shared'), or a second output of the last layer
-('per_pixel'). With 'none' the parameters are exactly those of a one-logit decoder.
+The study's high-capacity model (`model.name='conv'`):
+  encoder: Conv32 stride 2, Conv64 stride 2, Conv128 stride 1, Dense256, then the mean
+           and log-variance heads;
+  decoder: Dense 7x7x128, two stride-2 transposed convs (64, 32), residual blocks, a 3x3
+           conv to logits.
+`KerasEncoder`/`KerasDecoder` are the classic small model of the Keras example
+(`model.name='keras'`). Both decoders return logits (pre-sigmoid); what a logit means as
+an image is the likelihood's business (`fvae.losses.pixel_mean`). Likelihoods with a
+scale (model.decoder_scale) get a second channel holding its log: one learned scalar
+shared by all pixels ('shared'), or a second output of the last layer ('per_pixel').
+With 'none' the parameters are exactly those of a one-logit decoder.
+
+Upsampling (model.upsample): 'subpixel' and 'conv_transpose' are the same layer,
+nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding='SAME') and a ReLU
+(`ConvTransposeReLU`: the same parameters, initialisation and function), computed two
+ways. XLA:CPU runs a transposed conv's weight gradient as a slow dilated convolution, so
+'subpixel' computes it as one ordinary 2x2 conv plus depth-to-space
+(`subpixel_conv_transpose`). 'pixel_shuffle' is a different function class: a free 2x2
+conv to 4x the channels, then depth-to-space.
+
+Every layer here is plain Flax. On a CPU, `fvae.cpu.accelerate(model, ...)` computes the
+convolutions whose shapes fit with fvae's own kernels, from outside the model: the
+parameters and the function are the same.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,9 +37,6 @@ import ml_collections
 IMAGE_SHAPE = (28, 28, 1)
 
 Shard = tuple[int | jax.Array, int]  # (i, n): part i of n equal parts of a batch
-ConvFn = Callable[..., jax.Array]  # jax.lax.conv_general_dilated or a drop-in for it
-ConvTransposeFn = Callable[..., jax.Array]  # (x, kernel, bias, relu=False) -> y
-ConvBiasReluFn = Callable[..., jax.Array]  # (x, kernel, bias, residual=None) -> y
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -53,59 +67,52 @@ def depth_to_space(y: jax.Array, features: int) -> jax.Array:
     return y.reshape(b, 2 * h, 2 * w, features)
 
 
-def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array,
-                            relu: bool = False) -> jax.Array:
+def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """nn.ConvTranspose(O, (3, 3), strides=(2, 2), padding='SAME') with `kernel` (3, 3, C, O)
-    and `bias` applied to x [B, H, W, C], then a ReLU if `relu`; computed as one ordinary
-    2x2 conv plus depth-to-space."""
+    and `bias` applied to x [B, H, W, C], computed as one ordinary 2x2 conv plus
+    depth-to-space."""
     y = jax.lax.conv_general_dilated(x, phase_kernel(kernel).astype(x.dtype), (1, 1),
                                      ((1, 0), (1, 0)), dimension_numbers=NHWC)
-    y = depth_to_space(y, kernel.shape[-1]) + bias
-    return nn.relu(y) if relu else y
+    return depth_to_space(y, kernel.shape[-1]) + bias
 
 
-class SubpixelConvTranspose(nn.Module):
-    """nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding='SAME'), exactly (same
-    parameters, initialisation and outputs), then a ReLU if called with relu=True. XLA:CPU
-    runs the transposed conv's weight gradient as a slow dilated convolution;
-    `subpixel_conv_transpose` turns it into an ordinary one, and `conv_transpose` may be
-    any function that computes the same."""
+class ConvTransposeReLU(nn.Module):
+    """relu(nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding='SAME')(x)): the
+    decoder's upsampling layer, with that layer's parameters (kernel (3, 3, C, features),
+    bias) and initialisation. `how` ('subpixel' or 'conv_transpose') chooses how it is
+    computed, not what (see the module doc). One module with its ReLU, so that a kernel
+    may compute the whole layer in one pass (fvae.cpu.accelerate)."""
     features: int
-    conv_transpose: ConvTransposeFn = subpixel_conv_transpose
+    how: str = "subpixel"
 
     @nn.compact
-    def __call__(self, x, relu: bool = False):
+    def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return self.conv_transpose(x, kernel.astype(x.dtype), bias.astype(x.dtype), relu)
+        kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
+        if self.how == "subpixel":
+            return nn.relu(subpixel_conv_transpose(x, kernel, bias))
+        return nn.relu(jax.lax.conv_transpose(x, kernel, (2, 2), "SAME",
+                                              dimension_numbers=NHWC) + bias)
 
 
 class PixelShuffleUpsample(nn.Module):
-    """A free 2x2 conv to 4*features channels plus depth-to-space: a slightly larger
-    function class than the transposed conv (named option `pixel_shuffle`)."""
+    """A free 2x2 conv to 4*features channels plus depth-to-space, then a ReLU: a
+    slightly larger function class than the transposed conv (`pixel_shuffle`)."""
     features: int
 
     @nn.compact
     def __call__(self, x):
         y = nn.Conv(4 * self.features, (2, 2), padding=((1, 0), (1, 0)))(x)
-        return depth_to_space(y, self.features)
+        return nn.relu(depth_to_space(y, self.features))
 
 
-def upsample_relu(features: int, impl: str, name: str,
-                  conv_transpose: ConvTransposeFn = subpixel_conv_transpose
-                  ) -> Callable[[jax.Array], jax.Array]:
-    """relu(a stride-2 3x3 upsampling layer(x)); every `impl` but pixel_shuffle is exactly
-    nn.ConvTranspose (same parameter names and shapes). The 'subpixel' layer hands the
-    ReLU to `conv_transpose`, which may compute it in the same pass."""
-    if impl == "subpixel":
-        layer = SubpixelConvTranspose(features, conv_transpose, name=name)
-        return lambda x: layer(x, relu=True)
-    if impl == "pixel_shuffle":
-        layer = PixelShuffleUpsample(features, name=name)
-    else:
-        layer = nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding="SAME", name=name)
-    return lambda x: nn.relu(layer(x))
+def upsample_relu(features: int, upsample: str, name: str) -> nn.Module:
+    """The stride-2 upsampling layer model.upsample names, ReLU included."""
+    if upsample == "pixel_shuffle":
+        return PixelShuffleUpsample(features, name=name)
+    return ConvTransposeReLU(features, upsample, name=name)
 
 
 def output_channels(scale: str) -> int:
@@ -123,39 +130,15 @@ def with_shared_scale(module: nn.Module, out: jax.Array, scale: str) -> jax.Arra
                            axis=-1)
 
 
-def conv3x3_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
-                      residual: jax.Array | None = None,
-                      conv: ConvFn = jax.lax.conv_general_dilated) -> jax.Array:
-    """relu(residual + (conv(x, kernel) + bias)) for a 3x3 'SAME' NHWC conv, as
-    nn.relu(residual + nn.Conv(...)(x)) computes it; no residual if None."""
-    y = conv(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC) + bias
-    return nn.relu(y if residual is None else residual + y)
-
-
-class Conv3x3ReLU(nn.Module):
-    """nn.Conv(features, (3, 3)) (the same parameters and initialisation), then a
-    residual added if one is given, then a ReLU: one function, so that a kernel may
-    compute it in one pass."""
-    features: int
-    conv_bias_relu: ConvBiasReluFn = conv3x3_bias_relu
-
-    @nn.compact
-    def __call__(self, x, residual=None):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return self.conv_bias_relu(x, kernel, bias, residual)
-
-
 class ResBlock(nn.Module):
-    """Two 3x3 convs with a skip connection: relu(x + conv(relu(conv(x))))."""
+    """Two 3x3 convs with a skip connection: relu(x + Conv_1(relu(Conv_0(x)))).
+    (fvae.cpu.accelerate computes exactly this from Conv_0's and Conv_1's parameters.)"""
     width: int
-    conv_bias_relu: ConvBiasReluFn = conv3x3_bias_relu
 
     @nn.compact
     def __call__(self, x):
-        h = Conv3x3ReLU(self.width, self.conv_bias_relu, name="Conv_0")(x)
-        return Conv3x3ReLU(self.width, self.conv_bias_relu, name="Conv_1")(h, residual=x)
+        h = nn.relu(nn.Conv(self.width, (3, 3), name="Conv_0")(x))
+        return nn.relu(x + nn.Conv(self.width, (3, 3), name="Conv_1")(h))
 
 
 class ConvEncoder(nn.Module):
@@ -164,13 +147,11 @@ class ConvEncoder(nn.Module):
     widths: Sequence[int] = (32, 64, 128)
     strides: Sequence[int] = (2, 2, 1)
     dense: int = 256
-    conv: ConvFn = jax.lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x):
         for width, stride in zip(self.widths, self.strides):
-            x = nn.relu(nn.Conv(width, (3, 3), strides=(stride, stride),
-                                conv_general_dilated=self.conv)(x))
+            x = nn.relu(nn.Conv(width, (3, 3), strides=(stride, stride))(x))
         x = nn.relu(nn.Dense(self.dense)(x.reshape(x.shape[0], -1)))
         return nn.Dense(self.latent_dim, name="mean")(x), \
             nn.Dense(self.latent_dim, name="logvar")(x)
@@ -183,20 +164,16 @@ class ConvDecoder(nn.Module):
     num_res_blocks: int = 2
     upsample: str = "subpixel"
     scale: str = "none"  # one of configs.DECODER_SCALES
-    conv: ConvFn = jax.lax.conv_general_dilated
-    conv_transpose: ConvTransposeFn = subpixel_conv_transpose
-    conv_bias_relu: ConvBiasReluFn = conv3x3_bias_relu
 
     @nn.compact
     def __call__(self, z):
         x = nn.relu(nn.Dense(7 * 7 * self.widths[0])(z))
         x = x.reshape(z.shape[0], 7, 7, self.widths[0])
         for i, width in enumerate(self.widths[1:]):
-            x = upsample_relu(width, self.upsample, f"ConvTranspose_{i}",
-                              self.conv_transpose)(x)
+            x = upsample_relu(width, self.upsample, f"ConvTranspose_{i}")(x)
         for _ in range(self.num_res_blocks):
-            x = ResBlock(self.widths[-1], self.conv_bias_relu)(x)
-        out = nn.Conv(output_channels(self.scale), (3, 3), conv_general_dilated=self.conv)(x)
+            x = ResBlock(self.widths[-1])(x)
+        out = nn.Conv(output_channels(self.scale), (3, 3))(x)
         return with_shared_scale(self, out, self.scale)
 
 
@@ -217,13 +194,12 @@ class KerasDecoder(nn.Module):
     """The Keras example's decoder: Dense(7*7*64) and three transposed convs."""
     upsample: str = "subpixel"
     scale: str = "none"  # one of configs.DECODER_SCALES
-    conv_transpose: ConvTransposeFn = subpixel_conv_transpose
 
     @nn.compact
     def __call__(self, z):
         x = nn.relu(nn.Dense(7 * 7 * 64)(z)).reshape(z.shape[0], 7, 7, 64)
-        x = upsample_relu(64, self.upsample, "ConvTranspose_0", self.conv_transpose)(x)
-        x = upsample_relu(32, self.upsample, "ConvTranspose_1", self.conv_transpose)(x)
+        x = upsample_relu(64, self.upsample, "ConvTranspose_0")(x)
+        x = upsample_relu(32, self.upsample, "ConvTranspose_1")(x)
         out = nn.ConvTranspose(output_channels(self.scale), (3, 3), padding="SAME",
                                name="ConvTranspose_2")(x)
         return with_shared_scale(self, out, self.scale)
@@ -268,29 +244,16 @@ def take_shard(x: jax.Array, shard: Shard) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, index * rows, rows)
 
 
-class Convolutions(NamedTuple):
-    """The functions a model computes its convolutions with: XLA's by default;
-    fvae.cpu_kernels.convolutions_for gives fvae's CPU kernels (the same functions)."""
-    conv: ConvFn = jax.lax.conv_general_dilated
-    conv_transpose: ConvTransposeFn = subpixel_conv_transpose
-    conv_bias_relu: ConvBiasReluFn = conv3x3_bias_relu
-
-
-def build_model(model_config: ml_collections.ConfigDict,
-                convolutions: Convolutions = Convolutions()) -> VAE:
-    """Builds the VAE the config's `model` block names, computing its convolutions with
-    `convolutions` (the Keras model's strided convs and last layer always XLA's)."""
+def build_model(model_config: ml_collections.ConfigDict) -> VAE:
+    """The VAE the config's `model` block names."""
     if model_config.name == "keras":
         return VAE(KerasEncoder(model_config.latent_dim),
-                   KerasDecoder(model_config.upsample, model_config.decoder_scale,
-                                convolutions.conv_transpose))
+                   KerasDecoder(model_config.upsample, model_config.decoder_scale))
     return VAE(
         ConvEncoder(model_config.latent_dim, tuple(model_config.encoder_widths),
-                    tuple(model_config.encoder_strides), model_config.encoder_dense,
-                    convolutions.conv),
+                    tuple(model_config.encoder_strides), model_config.encoder_dense),
         ConvDecoder(tuple(model_config.decoder_widths), model_config.num_res_blocks,
-                    model_config.upsample, model_config.decoder_scale, convolutions.conv,
-                    convolutions.conv_transpose, convolutions.conv_bias_relu))
+                    model_config.upsample, model_config.decoder_scale))
 
 
 def _init_params(model: VAE, key: jax.Array):
@@ -308,7 +271,8 @@ _init_elsewhere = jax.jit(_init_params, static_argnames="model")
 
 
 def init_params(model: VAE, key: jax.Array):
-    """Initial parameters for a batch of one 28x28 image."""
+    """Initial parameters for a batch of one 28x28 image (`model` may be a VAE or
+    anything with its `init`, such as fvae.cpu.accelerate's)."""
     if isinstance(key, jax.core.Tracer):  # inside another trace (jax.eval_shape, jit)
         return _init_params(model, key)
     init = _init_on_cpu if jax.default_backend() == "cpu" else _init_elsewhere

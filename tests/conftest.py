@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from fvae import configs, data, runtime
+from fvae import configs, cpu, data
 
 # As launch.py does before any JAX computation, so that in-process runs compute exactly
 # what launch.py subprocesses do (some tests compare the two bit for bit).
-runtime.configure_cpu_convolutions(configs.get_base_config().train.cpu_convolutions)
+cpu.configure_cpu_convolutions(configs.get_base_config().runtime.cpu_convolutions)
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,9 +53,9 @@ def tiny_config(data_dir, **overrides):
     c.model.num_res_blocks = 1
     c.train.batch_size = 32
     c.train.num_epochs = 2
-    c.train.eval_batch_size = 48  # does not divide 64: exercises the masked last batch
-    c.train.progress_bar = False
-    c.train.num_figure_images = 0  # no figures at the end (~5 s a run); tests that
+    c.runtime.eval_batch_size = 48  # does not divide 64: exercises the masked last batch
+    c.report.progress_bar = False
+    c.report.num_figure_images = 0  # no figures at the end (~5 s a run); tests that
     # check them ask for 4
     for key, value in overrides.items():
         configs.set_key(c, key, value)

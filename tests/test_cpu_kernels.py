@@ -15,13 +15,20 @@ import numpy as np
 import pytest
 
 from conftest import assert_params_close, params_equal
-from fvae import cpu_kernels, models, train
+from fvae import configs, cpu, models, train
+from fvae.cpu import kernels as cpu_kernels
 
 NHWC = cpu_kernels.NHWC
 
 
 def xla_conv(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+
+
+def xla_conv_bias_relu(x, kernel, bias, residual=None):
+    """relu(residual + conv(x) + bias), as XLA computes it."""
+    y = xla_conv(x, kernel) + bias
+    return jax.nn.relu(y if residual is None else y + residual)
 
 
 def value_and_grads(fn, *args, dy):
@@ -72,7 +79,7 @@ def test_fused_bias_residual_relu_and_gradients_equal_xla(batch, size, c_in, c_o
         x, kernel, bias, residual))
     assert float((ours[0] == 0).mean()) > 0.2  # the ReLU clips a good share
     for ours_part, reference in zip(ours, value_and_grads(
-            fused(models.conv3x3_bias_relu), x, kernel, bias, residual, dy=dy)):
+            fused(xla_conv_bias_relu), x, kernel, bias, residual, dy=dy)):
         np.testing.assert_allclose(ours_part, reference, rtol=1e-4,
                                    atol=1e-5 * float(jnp.abs(reference).max()) + 1e-30)
 
@@ -183,8 +190,10 @@ def test_other_dtypes_and_channel_counts_are_left_to_xla():
 def test_the_model_uses_the_kernels_and_trains_as_with_xla(make_config, tmp_path):
     config = make_config(**{"model.encoder_widths": (8, 16, 16),
                             "model.decoder_widths": (16, 16, 16), "train.num_epochs": 1})
-    model = models.build_model(config.model, cpu_kernels.convolutions_for("fvae"))
+    plain = models.build_model(config.model)
+    model = cpu.accelerate(plain, "fvae")
     params = models.init_params(model, jax.random.key(0))
+    assert params_equal(params, models.init_params(plain, jax.random.key(0)))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: model.apply(
         {"params": p}, jnp.zeros((8, 28, 28, 1)), jax.random.key(1))[0].sum()))(params))
     # encoder Conv_2, the residual block's two convs and the output conv
@@ -192,12 +201,51 @@ def test_the_model_uses_the_kernels_and_trains_as_with_xla(make_config, tmp_path
     assert jaxpr.count("fvae_conv_transpose3x3s2_weight_grad") == 2  # the upsampling layers
     assert jaxpr.count("fvae_conv_transpose3x3s2_bias_relu") == 2
     assert jaxpr.count("fvae_conv3x3_bias_relu") == jaxpr.count("fvae_conv3x3_bias_add_relu") == 1
+    assert "fvae_" not in str(jax.make_jaxpr(lambda p: plain.apply(
+        {"params": p}, jnp.zeros((8, 28, 28, 1)), jax.random.key(1)))(params))
 
     runs = {}
     for kernels in ("fvae", "xla"):
-        config.train.cpu_conv3x3 = kernels
+        config.runtime.cpu_conv3x3 = kernels
         runs[kernels] = train.train_and_evaluate(config, str(tmp_path / kernels)).params
     assert_params_close(runs["fvae"], runs["xla"], rtol=1e-3, atol=1e-4)
+
+
+class NewModel(nn.Module):
+    """A model fvae has never seen, in plain Flax: a 3x3 conv the kernels cover, one
+    they do not (8 channels), a strided one and a dense layer."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        x = nn.relu(nn.Conv(16, (3, 3))(x))  # covered: 16 channels, stride 1, SAME
+        x = nn.Conv(8, (3, 3))(x)  # 16 -> 8: covered on the input side
+        x = nn.Conv(8, (3, 3), strides=2)(x)  # strided: XLA's
+        return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+def test_a_new_plain_flax_model_gets_the_fast_path_unchanged():
+    """Any nn.Conv the kernels cover is computed by them, from the same parameters, and
+    gives XLA's values and gradients; the rest is untouched."""
+    plain = NewModel()
+    fast = cpu.accelerate(plain, "fvae")
+    x = random((4, 12, 12, 1), 0)
+    params = fast.init(jax.random.key(0), x)
+    assert params_equal(params, plain.init(jax.random.key(0), x))
+    loss = lambda model: lambda p: jnp.sum(model.apply(p, x) ** 2)
+    assert str(jax.make_jaxpr(jax.grad(loss(fast)))(params)).count("fvae_conv3x3_weight_grad") == 3
+    (value, grads), (reference, reference_grads) = (
+        jax.jit(jax.value_and_grad(loss(model)))(params) for model in (fast, plain))
+    np.testing.assert_allclose(value, reference, rtol=1e-5)
+    assert_params_close(grads, reference_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_xla_choice_returns_the_plain_model_and_a_bad_one_is_refused():
+    plain = NewModel()
+    assert cpu.accelerate(plain, "xla") is plain
+    with pytest.raises(ValueError, match="runtime.cpu_conv3x3"):
+        cpu.accelerate(plain, "mkl")
+    assert set(configs.CPU_CONV3X3) == {"fvae", "xla"}
 
 
 def test_without_a_compiler_xla_runs_the_convolutions(monkeypatch, tmp_path, caplog):

@@ -124,8 +124,7 @@ def test_phase_kernel_matches_a_direct_transposed_conv():
                     r, c = 2 * i + 2 - a, 2 * j + 2 - b  # y[r] += w[a] * x[i], r + a - 2 = 2i
                     if 0 <= r < 6 and 0 <= c < 8:
                         out[0, r, c] += x[0, i, j] @ w[a, b]
-    y = models.SubpixelConvTranspose(5).apply(
-        {"params": {"kernel": w, "bias": np.zeros(5, np.float32)}}, x)
+    y = models.subpixel_conv_transpose(x, w, np.zeros(5, np.float32))
     np.testing.assert_allclose(y, out, rtol=1e-5, atol=1e-5)
 
 

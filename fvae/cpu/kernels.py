@@ -1,11 +1,11 @@
-"""fvae's own CPU kernels for 3x3 convolutions and their gradients (`train.cpu_conv3x3`).
+"""fvae's own CPU kernels for 3x3 convolutions and their gradients (`runtime.cpu_conv3x3`).
 
 XLA:CPU (jaxlib 0.10) ran the weight gradients of the study's 28x28x32 residual convs
 at about a third of the machine's peak, on transposed copies of their operands: they
 were the largest single cost of a training step. `conv_general_dilated` is a drop-in
 for `jax.lax.conv_general_dilated` (nn.Conv's `conv_general_dilated` field) that runs
 a 3x3, stride-1, 'SAME', float32 NHWC convolution, its input gradient and its weight
-gradient with the kernels of fvae/csrc/conv3x3.cc, called through jax.ffi.
+gradient with the kernels of fvae/cpu/csrc/conv3x3.cc, called through jax.ffi.
 `conv_transpose` is a drop-in for `models.subpixel_conv_transpose`, the decoder's
 3x3, stride-2 transposed convolution: its kernels compute only the taps each output
 pixel uses, where the sub-pixel 2x2 convolution multiplies 7 zeros in every 16 (and
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from fvae import configs, models
+from fvae import models
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "conv3x3.cc"
 TARGETS = {"fvae_conv3x3": "FvaeConv3x3",  # XLA custom-call target: library symbol
@@ -117,7 +117,7 @@ def load() -> bool:
     except (OSError, AttributeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
         logging.warning("fvae's CPU kernels for 3x3 convolutions could not be compiled, so "
-                        "XLA's is used (set train.cpu_conv3x3='xla' to skip them): %s",
+                        "XLA's is used (set runtime.cpu_conv3x3='xla' to skip them): %s",
                         str(detail)[-2000:])
         return False
 
@@ -289,9 +289,10 @@ conv3x3_bias_add_relu_fused.defvjp(_bias_add_relu_fwd, _bias_add_relu_bwd)
 
 def conv3x3_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
                       residual: jax.Array | None = None) -> jax.Array:
-    """A drop-in for models.conv3x3_bias_relu: one fused kernel pass on the CPU where
+    """relu(residual + (conv3x3(x, kernel) + bias)) (no residual if None), as
+    models.ResBlock computes its convolutions: one fused kernel pass on the CPU where
     fvae's kernels cover the convolution and its out-channels are a multiple of 16, else
-    models.conv3x3_bias_relu with `conv_general_dilated`."""
+    the same with `conv_general_dilated`."""
     if (kernel.shape[3] % LANES == 0 and bias.dtype == jnp.float32
             and (residual is None or residual.dtype == jnp.float32)
             and covers(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
@@ -299,7 +300,8 @@ def conv3x3_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
         if residual is None:
             return conv3x3_bias_relu_fused(x, kernel, bias)
         return conv3x3_bias_add_relu_fused(x, kernel, bias, residual)
-    return models.conv3x3_bias_relu(x, kernel, bias, residual, conv_general_dilated)
+    y = conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC) + bias
+    return jax.nn.relu(y if residual is None else residual + y)
 
 
 # The stride-2 transposed convolution of the decoder's upsampling layers.
@@ -375,13 +377,5 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array,
         if relu:
             return conv_transpose3x3s2_bias_relu(x, kernel, bias)
         return conv_transpose3x3s2(x, kernel) + bias
-    return models.subpixel_conv_transpose(x, kernel, bias, relu)
-
-
-def convolutions_for(choice: str) -> models.Convolutions:
-    """The model's convolution functions for train.cpu_conv3x3 ('fvae' or 'xla')."""
-    if choice not in configs.CPU_CONV3X3:
-        raise ValueError(f"cpu_conv3x3 must be one of {configs.CPU_CONV3X3}, got {choice!r}")
-    if choice == "xla":
-        return models.Convolutions()
-    return models.Convolutions(conv_general_dilated, conv_transpose, conv3x3_bias_relu)
+    y = models.subpixel_conv_transpose(x, kernel, bias)
+    return jax.nn.relu(y) if relu else y
