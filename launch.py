@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fvae import configs, evaluate, logs, plots, runtime, train
+from fvae import checkpoint, classifier, configs, cpu, data, logs, runs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -24,14 +24,34 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "plot"],
                   "write every figure of the best checkpoint to workdir/figures/.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# A user's mistake, reported as one line without a traceback.
+USER_ERRORS = (configs.ConfigError, checkpoint.CheckpointError, data.DataError,
+               classifier.ClassifierError)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, after checking the --config.KEY overrides name real keys."""
+    try:
+        configs.check_override_flags(argv)
+    except configs.ConfigError as e:
+        sys.exit(f"launch.py: {e}")
+    return app.parse_flags_with_usage(argv)
+
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = configs.validate(FLAGS.config)
-    runtime.restart_with_huge_pages(config)  # first: it starts this process over
+    try:
+        run_mode(configs.validate(FLAGS.config))
+    except USER_ERRORS as e:
+        sys.exit(f"launch.py: {type(e).__name__}: {e}")
+
+
+def run_mode(config) -> None:
+    cpu.restart_with_huge_pages(config.runtime)  # first: it starts this process over
     logs.show_own_info(__file__)
-    runtime.setup_runtime(config)  # before any JAX computation
+    # before any JAX computation: multi-host start-up, CPU devices and XLA:CPU flags
+    cpu.setup(config.runtime, (config.train.batch_size, config.runtime.eval_batch_size))
     if FLAGS.mode == "train":
         try:
             train.train_and_evaluate(config, FLAGS.workdir)
@@ -39,14 +59,14 @@ def main(argv):
             logging.warning("%s", e)
             sys.exit(128 + e.signum)
     elif FLAGS.mode == "eval":
-        results = evaluate.evaluate_run(FLAGS.workdir, "best", config=config)
+        results = runs.evaluate_run(FLAGS.workdir, "best", config=config)
         print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)},
                          indent=2))
     elif FLAGS.mode == "plot":
-        for path in plots.write_run_figures(FLAGS.workdir, data_dir=config.data.dir,
-                                             num_images=config.train.num_figure_images or 16):
+        for path in runs.write_run_figures(FLAGS.workdir, data_dir=config.data.dir,
+                                           num_images=config.report.num_figure_images or 16):
             print(path)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

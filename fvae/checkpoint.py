@@ -1,4 +1,4 @@
-"""Orbax checkpoints: save, resume exactly, and load a trained model.
+"""Orbax checkpoints of trees of arrays: save, resume exactly, read back.
 
 Layout under workdir/checkpoints/:
   latest/<step>/   the last `checkpoint.keep` checkpoints (state + meta)
@@ -7,8 +7,10 @@ Layout under workdir/checkpoints/:
 
 A checkpoint holds the train state as a plain tree of arrays (no pickle), the
 running sums of the current epoch's train metrics, and a JSON `meta` item with the
-config it was trained with. Keys and data order follow from the step (see
-fvae.train), so nothing else is needed to continue bit-for-bit.
+config it was trained with and its format version (`FORMAT_VERSION`). Keys and data
+order follow from the step (see fvae.keys), so nothing else is needed to continue
+bit-for-bit. This module knows nothing about models: a reader passes the tree to
+restore into (`read`'s `target_for`).
 """
 
 from __future__ import annotations
@@ -18,29 +20,23 @@ import logging
 import pathlib
 import shutil
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import serialization
-
-# Keys that may change between a run and its resumption without changing its meaning.
-RESUMABLE_KEYS = ("name", "data.dir", "data.download", "data.verify_checksums",
-                  "train.progress_bar", "train.log_every_steps", "train.steps_per_dispatch",
-                  "train.eval_batch_size", "train.num_figure_images", "train.tensorboard",
-                  "train.epoch_metrics_images", "train.cpu_devices", "train.num_devices",
-                  "train.cpu_convolutions", "train.cpu_conv3x3", "train.huge_pages",
-                  "train.cross_device_reduce")
-RESUMABLE_PREFIXES = ("checkpoint.", "eval.")
-LENGTH_KEYS = ("train.num_epochs", "train.num_steps")  # resumable unless a schedule uses them
-
+from fvae import configs
 
 def _length_sets_a_schedule(flat: dict[str, Any]) -> bool:
     """Whether the run's length shapes its schedules (so extending it changes them)."""
     return flat.get("optim.lr_schedule") != "constant" or (
         flat.get("loss.beta_schedule") == "cyclical" and not flat.get("loss.cycle_steps"))
+
+
+# The layout of what a checkpoint holds (the tree and its meta). Version 2: the config
+# has a `runtime` block, and a run that ends mid-epoch saves its epoch sums unreset.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -51,10 +47,6 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json(sort_keys=True))
 
 
-# The keys that define the trained model itself: what evaluating a checkpoint needs.
-MODEL_PREFIXES = ("model.", "loss.", "data.binarize")
-
-
 def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
                        only: tuple[str, ...] | None = None,
                        lengths_resumable: bool = True) -> list[str]:
@@ -62,7 +54,6 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
     `only`, differing keys among those prefixes); without `lengths_resumable`, a
     different length (train.num_epochs, train.num_steps) counts too: what makes a
     finished run another run."""
-    from fvae import configs  # saved configs gain keys added since, at their defaults
     a = configs.flatten(config_to_dict(configs.from_dict(saved)))
     b = configs.flatten(config_to_dict(config))
     keys = sorted(set(a) | set(b))
@@ -70,8 +61,8 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
         keys = [k for k in keys if k.startswith(only)]
     else:
         lengths = lengths_resumable and not _length_sets_a_schedule(a)
-        resumable = RESUMABLE_KEYS + (LENGTH_KEYS if lengths else ())
-        keys = [k for k in keys if k not in resumable and not k.startswith(RESUMABLE_PREFIXES)]
+        keys = [k for k in keys if not configs.is_resumable(k)
+                and not (lengths and k in configs.LENGTH_KEYS)]
     return [f"{k}: checkpoint has {a.get(k, '<missing>')!r}, config has {b.get(k, '<missing>')!r}"
             for k in keys if a.get(k) != b.get(k)]
 
@@ -108,8 +99,8 @@ class Checkpointer:
                                   meta=ocp.args.JsonSave(meta))
 
     def _meta(self, step: int, **extra) -> dict[str, Any]:
-        return {"step": step, "config": config_to_dict(self.config), "saved_at": time.time(),
-                **extra}
+        return {"format": FORMAT_VERSION, "step": step, "config": config_to_dict(self.config),
+                "saved_at": time.time(), **extra}
 
     def save(self, step: int, tree: dict[str, Any]) -> None:
         """Saves `tree` (state and epoch sums) as the latest checkpoint at `step`."""
@@ -165,6 +156,7 @@ class Checkpointer:
             if meta is None:
                 failed.append((step, "its metadata is missing or unreadable"))
                 continue
+            check_format(meta, self.root / "latest" / str(step))
             check_config(meta["config"], self.config, self.root / "latest" / str(step))
             try:
                 restored = self.latest.restore(step, args=ocp.args.Composite(
@@ -241,6 +233,16 @@ class Checkpointer:
         self.latest.reload()
 
 
+def check_format(meta: dict[str, Any], where) -> None:
+    """Raises CheckpointError unless the checkpoint is of the format this fvae writes."""
+    version = meta.get("format", 1)  # format 1 (before 2026-12) recorded none
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"the checkpoint in {where} has format version {version}; this fvae reads "
+            f"version {FORMAT_VERSION} only. Train afresh in a new --workdir, or finish and "
+            f"evaluate the run with the fvae that wrote it (format 1: git commit 5ce2280).")
+
+
 def check_config(saved: dict[str, Any], config: ml_collections.ConfigDict, where,
                  only: tuple[str, ...] | None = None) -> None:
     """Raises CheckpointError listing the keys that differ (see config_differences)."""
@@ -252,24 +254,12 @@ def check_config(saved: dict[str, Any], config: ml_collections.ConfigDict, where
             + "\nUse the config it was trained with, or a new --workdir to start afresh.")
 
 
-def state_tree(state, epoch_sums: dict[str, Any]) -> dict[str, Any]:
-    """The tree that is saved: the train state as a state dict, plus epoch sums."""
-    return {"train_state": serialization.to_state_dict(state),
-            "epoch_sums": dict(epoch_sums)}
-
-
-class LoadedRun(NamedTuple):
-    """A trained run's checkpoint, read back: what it is, its parameters, its step."""
-    config: ml_collections.ConfigDict
-    model: Any
-    params: Any
-    step: int
-
-
-def load_run(workdir: str | pathlib.Path, which: str | int = "latest") -> LoadedRun:
-    """The checkpoint `which` names ('latest', 'best' or a step), with its step."""
-    from fvae import configs, cpu_kernels, models, train  # local: train imports this module
-
+def read(workdir: str | pathlib.Path, which: str | int,
+         target_for: Callable[[dict[str, Any]], dict[str, Any]]
+         ) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(meta, tree, step) of the checkpoint `which` names ('latest', 'best' or a step)
+    in a workdir, read-only; `target_for(meta)` gives the tree to restore into (the
+    caller knows the model, this module does not)."""
     root = pathlib.Path(workdir).absolute() / "checkpoints"
     kind = "best" if which == "best" else "latest"
     if not (root / kind).is_dir():
@@ -284,20 +274,9 @@ def load_run(workdir: str | pathlib.Path, which: str | int = "latest") -> Loaded
                                   f"{manager.all_steps()})")
         meta = manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
-        config = configs.from_dict(meta["config"])
-        # the run's own convolutions (fvae's CPU kernels unless it chose XLA's): the
-        # IWAE bound decodes thousands of draws per image
-        model = models.build_model(config.model,
-                                   cpu_kernels.convolutions_for(config.train.cpu_conv3x3))
-        target = train.abstract_checkpoint_tree(config, model)
+        check_format(meta, root / kind / str(step))
         tree = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))["state"]
+            state=ocp.args.StandardRestore(target_for(meta))))["state"]
     finally:
         manager.close()
-    params = jax.tree.map(jax.numpy.asarray, tree["train_state"]["params"])
-    return LoadedRun(config, model, params, step)
-
-
-def load(workdir: str | pathlib.Path, which: str | int = "latest"):
-    """(config, model, params) of a trained run: which = 'latest', 'best' or a step."""
-    return load_run(workdir, which)[:3]
+    return meta, tree, step

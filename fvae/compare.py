@@ -53,7 +53,7 @@ class Run:
         return [r for r in self.records if r.get("split") == "test"]
 
 
-def load_run(workdir: str | os.PathLike) -> Run:
+def read_run(workdir: str | os.PathLike) -> Run:
     """Reads config.json, metrics.jsonl (possibly empty) and eval.json (optional)."""
     path = pathlib.Path(workdir)
     if not path.is_dir():
@@ -215,7 +215,7 @@ def compare(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike
     if out.suffix.lower() in ("", ".md", ".csv"):
         raise ValueError(f"--out {out} should be the figure's path, e.g. comparison.png; "
                          "the .md and .csv tables are written next to it.")
-    runs = [load_run(w) for w in workdirs]
+    runs = [read_run(w) for w in workdirs]
     plot_curves(runs, out)
     rows = table_rows(runs)
     out.with_suffix(".md").write_text(markdown_table(rows))

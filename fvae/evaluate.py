@@ -1,6 +1,7 @@
-"""Evaluation of a trained run on the test split, written to workdir/eval.json.
+"""The evaluation of a model on the test split: every number of workdir/eval.json.
 
-`evaluate_run(workdir)` loads a checkpoint and writes a flat JSON object. Likelihood
+`full_evaluation` computes them (fvae.runs.evaluate_run writes them); `epoch_image_metrics`
+is the cheap part logged after every training epoch. Likelihood
 terms are nats per image (summed over the 784 pixels) under the likelihood the run
 was trained with, at beta = 1:
 
@@ -49,9 +50,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from fvae import binarize, checkpoint, classifier, configs, data, losses, models, parallel
+from fvae import binarize, classifier, data, losses, models, parallel
 from fvae.batching import map_batches
-from fvae.writer import jsonable
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
@@ -392,24 +392,24 @@ def probe_accuracy(train_z: np.ndarray, train_labels: np.ndarray, test_z: np.nda
 
 
 # ---------------------------------------------------------------- entry points
-def cheap_metrics(model: models.VAE, params, config: ml_collections.ConfigDict,
+def epoch_image_metrics(model: models.VAE, params, config: ml_collections.ConfigDict,
                   test_images: np.ndarray) -> dict[str, float]:
     """active_units, recon_mse, psnr, ssim and sharpness: one encode-decode pass, for
     logging every epoch (same protocol and names as eval.json). Deterministic."""
     originals = test_images.astype(np.float32) / 255.0
     mean, _, recons = posterior_pass(model, parallel.host_local(params), config.loss,
                                      model_inputs(config, test_images),
-                                     config.train.eval_batch_size,
-                                     devices=parallel.local_devices(config.train.num_devices))
+                                     config.runtime.eval_batch_size,
+                                     devices=parallel.local_devices(config.runtime.num_devices))
     return {"active_units": active_units(mean), **image_metrics(originals, recons)}
 
 
-def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
+def full_evaluation(model: models.VAE, params, config: ml_collections.ConfigDict,
              dataset: data.Dataset, progress: bool = True) -> dict:
     """Every metric of eval.json (see the module docstring) for one model, its batches
-    dealt across this process's devices (train.num_devices; 0: all)."""
-    ec, batch = config.eval, config.train.eval_batch_size
-    devices = parallel.local_devices(config.train.num_devices)
+    dealt across this process's devices (runtime.num_devices; 0: all)."""
+    ec, batch = config.eval, config.runtime.eval_batch_size
+    devices = parallel.local_devices(config.runtime.num_devices)
     params = parallel.host_local(params)
     key = jax.random.key(ec.seed)
     originals_u8 = dataset.test_images
@@ -464,35 +464,4 @@ def evaluate(model: models.VAE, params, config: ml_collections.ConfigDict,
     results["probe_accuracy"] = probe_accuracy(train_mean, dataset.train_labels, mean,
                                                dataset.test_labels, ec.probe_steps,
                                                ec.probe_l2)
-    return results
-
-
-def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
-                 config: ml_collections.ConfigDict | None = None,
-                 progress: bool = True) -> dict:
-    """Evaluates a run's checkpoint (`which`: 'best', 'latest' or a step) on the test
-    split and writes workdir/eval.json; returns the same dict.
-
-    `config` (optional, e.g. the one launch.py was given) supplies the eval block and
-    where the data are; its model, loss and data protocol must be those the
-    checkpoint was trained with. Without it, the run's own config and the default
-    eval block are used.
-    """
-    start = time.time()
-    saved, model, params, step = checkpoint.load_run(workdir, which)
-    if config is None:
-        config = saved
-    else:
-        checkpoint.check_config(checkpoint.config_to_dict(saved), config, workdir,
-                                only=checkpoint.MODEL_PREFIXES)
-    results = evaluate(model, params, config, data.load(config), progress)
-    results["eval_seconds"] = time.time() - start
-    results["eval_settings"] = configs.flatten(config.eval)  # what the numbers depend on
-    results["checkpoint_step"] = step
-    path = pathlib.Path(workdir) / "eval.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: [jsonable(x) for x in v] if isinstance(v, list)
-                               else jsonable(v) for k, v in results.items()},
-                              indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
     return results

@@ -8,7 +8,7 @@ batch is split differently). How the gradients are summed across devices:
 - 'xla' (accelerators, several processes): the batch is sharded along 'data' and XLA
   inserts the gradient all-reduce.
 - 'host' (the default for several CPU devices in one process, see
-  train.cpu_devices): each device computes its part's gradients in its own program,
+  runtime.cpu_devices): each device computes its part's gradients in its own program,
   the runtime copies them across and every device applies the same summed update. No
   XLA collective runs, because jaxlib 0.10.2's in-process CPU all-reduce sometimes
   deadlocks (and aborts after 40 s) with as many CPU devices as cores.
@@ -114,20 +114,20 @@ def local_devices(num_devices: int = 0) -> list[jax.Device]:
 def make_data_parallel(num_devices: int = 0, reduce: str = "auto") -> DataParallel:
     """A mesh over the first `num_devices` devices (0: all, across all processes).
 
-    `reduce` (train.cross_device_reduce) is 'host', 'xla', or 'auto': 'host' for several
+    `reduce` (runtime.cross_device_reduce) is 'host', 'xla', or 'auto': 'host' for several
     CPU devices in one process, 'xla' otherwise (see the module doc)."""
     devices = jax.devices()
     if num_devices:
         if num_devices > len(devices):
-            raise ValueError(f"train.num_devices={num_devices} but only {len(devices)} "
+            raise ValueError(f"runtime.num_devices={num_devices} but only {len(devices)} "
                              f"{jax.default_backend()} devices are visible; lower it or set "
                              "it to 0 to use them all.")
         devices = devices[:num_devices]
     if reduce not in configs.CROSS_DEVICE_REDUCES:
-        raise ValueError(f"train.cross_device_reduce={reduce!r}; use one of "
+        raise ValueError(f"runtime.cross_device_reduce={reduce!r}; use one of "
                          f"{configs.CROSS_DEVICE_REDUCES}.")
     if reduce == "host" and jax.process_count() > 1:
-        raise ValueError("train.cross_device_reduce='host' sums gradients within one "
+        raise ValueError("runtime.cross_device_reduce='host' sums gradients within one "
                          "process; a multi-process job needs 'xla' (or 'auto').")
     host = reduce == "host" or (reduce == "auto" and jax.default_backend() == "cpu"
                                 and jax.process_count() == 1)

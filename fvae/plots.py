@@ -1,7 +1,7 @@
 """Figures a run leaves in workdir/figures/ (matplotlib, no display needed).
 
-`write_run_figures(workdir)` draws all of them from a checkpoint; `write_figures` does
-the same from parameters in memory; `loss_curves` needs only metrics.jsonl. Images
+`write_figures` draws all of them from parameters in memory (fvae.runs.write_run_figures
+from a workdir's checkpoint); `loss_curves` needs only metrics.jsonl. Images
 are always the likelihood's pixel means (`losses.pixel_mean`), never raw logits.
 """
 
@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 import statistics
+from typing import Callable
 
 import jax
 import matplotlib
@@ -26,20 +27,10 @@ import numpy as np  # noqa: E402
 
 from fvae import evaluate, losses, models  # noqa: E402
 from fvae.batching import map_batches  # noqa: E402
+from fvae.images import tile  # noqa: E402
 from fvae.evaluate import ACTIVE_UNIT_THRESHOLD  # noqa: E402
 from fvae.data import CLASS_NAMES  # noqa: E402
 from fvae.writer import read_metrics, series  # noqa: E402
-
-
-def tile(images: np.ndarray, ncols: int) -> np.ndarray:
-    """[N, 28, 28(, 1)] images in [0, 1] -> one [rows*28, ncols*28] mosaic."""
-    images = np.asarray(images, np.float32).reshape(len(images), 28, 28)
-    nrows = -(-len(images) // ncols)
-    canvas = np.ones((nrows * 28, ncols * 28), np.float32)
-    for i, image in enumerate(images):
-        r, c = divmod(i, ncols)
-        canvas[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28] = image
-    return canvas
 
 
 def save_figure(fig, path: str | os.PathLike) -> pathlib.Path:
@@ -276,11 +267,14 @@ def loss_curves(workdir: str | os.PathLike, path: str | os.PathLike,
 def write_figures(model, params, config: ml_collections.ConfigDict, dataset,
                   out_dir: str | os.PathLike, key: jax.Array, num_images: int = 16,
                   max_points: int = 5000, grid_size: int = 15, num_pairs: int = 5,
-                  num_steps: int = 10, batch_size: int = 500) -> list[pathlib.Path]:
+                  num_steps: int = 10, batch_size: int = 500,
+                  add_images: Callable[..., None] | None = None) -> list[pathlib.Path]:
     """Every per-run figure of in-memory parameters into out_dir; returns the paths.
 
     Reconstructions, prior samples (from `key`), latent manifold, latent scatter,
     interpolations and KL per dimension; manifold and scatter need latent_dim >= 2.
+    `add_images(tag, images, ncols=...)`, if given, receives the reconstruction and
+    sample grids as arrays too (train: TensorBoard), so they are computed once.
     """
     out_dir, name = pathlib.Path(out_dir), config.name
     mean_fn = functools.partial(losses.pixel_mean, loss_config=config.loss)
@@ -294,12 +288,17 @@ def write_figures(model, params, config: ml_collections.ConfigDict, dataset,
     mean, logvar = map_batches(encode, params, test, batch_size)
 
     n = min(num_images, len(test))
-    paths = [reconstruction_grid(test[:n] / 255.0, to_images(mean[:n]),
-                                 out_dir / "reconstructions.png",
+    originals, recons = test[:n] / 255.0, to_images(mean[:n])
+    samples = np.asarray(models.sample(model, params, key, num_images,
+                                       config.model.latent_dim, mean_fn=mean_fn))
+    paths = [reconstruction_grid(originals, recons, out_dir / "reconstructions.png",
                                  title=f"{name}: test images and reconstructions"),
-             sample_grid(np.asarray(models.sample(model, params, key, num_images,
-                                                  config.model.latent_dim, mean_fn=mean_fn)),
-                         out_dir / "samples.png", title=f"{name}: samples from the prior")]
+             sample_grid(samples, out_dir / "samples.png",
+                         title=f"{name}: samples from the prior")]
+    if add_images is not None and n:
+        add_images("test/reconstructions", np.concatenate(
+            [originals.reshape(n, 28, 28), np.asarray(recons).reshape(n, 28, 28)]), ncols=n)
+        add_images("prior/samples", samples.reshape(-1, 28, 28))
     pairs = min(num_pairs, len(test) // 2)
     if pairs:
         z = interpolation_latents(mean[0:2 * pairs:2], mean[1:2 * pairs:2], num_steps)
@@ -323,27 +322,4 @@ def write_figures(model, params, config: ml_collections.ConfigDict, dataset,
     paths.append(latent_scatter(plane.project(mean[keep]), labels[keep], plane,
                                 out_dir / "latent_scatter.png",
                                 title=f"{name}: test posterior means ({len(keep)} images)"))
-    return paths
-
-
-def write_run_figures(workdir: str | os.PathLike, which: str | int = "best",
-                      num_images: int = 16, max_points: int = 5000,
-                      data_dir: str | os.PathLike | None = None,
-                      **figure_options) -> list[pathlib.Path]:
-    """All figures of a trained run into workdir/figures/, from its checkpoint `which`
-    ('best', 'latest' or a step) and its config; `data_dir` overrides config.data.dir
-    when the data has moved. Loss curves are drawn when metrics.jsonl has epochs."""
-    from fvae import checkpoint, data, train  # local: train imports this module
-
-    workdir = pathlib.Path(workdir)
-    config, model, params = checkpoint.load(workdir, which)
-    if data_dir is not None:
-        config.data.dir = str(data_dir)
-    dataset = data.load(config)
-    key = train.RunKeys.from_seed(config.seed).figures
-    paths = write_figures(model, params, config, dataset, workdir / "figures", key,
-                          num_images=num_images, max_points=max_points, **figure_options)
-    if any(r.get("split") == "test" for r in read_metrics(workdir)):
-        paths.append(loss_curves(workdir, workdir / "figures" / "loss_curves.png",
-                                 title=f"{config.name}: training curves"))
     return paths

@@ -151,9 +151,6 @@ def evaluated(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
                                                     config, lengths_resumable=False)
     except (json.JSONDecodeError, configs.ConfigError):  # (training will say what is wrong)
         return False
-    if config.loss.likelihood == "gaussian" and config.loss.gaussian_variance == "optimal" \
-            and "gaussian_log_sigma" not in evaluation:
-        return False  # scored before evaluation fixed its sigma (fvae.evaluate): redone
     return evaluation.get("eval_settings") == configs.flatten(config.eval) and not differences
 
 
@@ -178,7 +175,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
               data_dir: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Trains and evaluates every (point, seed) not yet evaluated with the sweep's eval
     settings (training resumes or, if finished, returns at once); writes the results."""
-    from fvae import evaluate, train
+    from fvae import runs, train
 
     sweep_dir = pathlib.Path(sweep_dir)
     points = grid(sweep)
@@ -189,7 +186,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
     configs_by_point = [[point_config(sweep, p, s) for s in seeds] for p in points]
     for config in itertools.chain(*configs_by_point):
         config.data.dir = data_dir or config.data.dir
-        config.train.progress_bar = progress
+        config.report.progress_bar = progress
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(sweep.to_json(indent=2, sort_keys=True) + "\n")
     for i, (point, point_configs) in enumerate(zip(points, configs_by_point)):
@@ -208,10 +205,10 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
             for config, workdir in todo:
                 train.train_and_evaluate(config, str(workdir))
         for config, workdir in todo:
-            evaluate.evaluate_run(workdir, "best", config=config, progress=progress)
+            runs.evaluate_run(workdir, "best", config=config, progress=progress)
     rows = summarize(sweep_dir, points, sweep.seeds)
     write_results(sweep_dir, rows)
-    write_figures(sweep_dir, points, sweep.seeds)
+    write_sweep_figures(sweep_dir, points, sweep.seeds)
     return rows
 
 
@@ -254,7 +251,7 @@ def write_results(sweep_dir: pathlib.Path, rows: list[dict[str, Any]]) -> None:
     (sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def write_figures(sweep_dir: pathlib.Path, points: Sequence[Point], seeds: Sequence[int]
+def write_sweep_figures(sweep_dir: pathlib.Path, points: Sequence[Point], seeds: Sequence[int]
                   ) -> list[pathlib.Path]:
     """Test-ELBO curves grouped by each axis, and reconstructions side by side."""
     from fvae import plots
@@ -320,7 +317,7 @@ def _montage(panels: list[tuple[str, pathlib.Path]], path: pathlib.Path, title: 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m fvae.sweep`; given `argv` (a call from another program) it does not
-    restart the process for huge pages (runtime.restart_with_huge_pages)."""
+    restart the process for huge pages (cpu.restart_with_huge_pages)."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -330,13 +327,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags.mark_flags_as_required(["config", "sweep_dir"])
 
     def run(_):
-        from fvae import logs, runtime
+        from fvae import cpu, logs
         sweep_config = flags.FLAGS.config
         first = point_config(sweep_config, grid(sweep_config)[0], sweep_config.seeds[0])
         if argv is None:  # an entry point, not a call from a program (which would restart)
-            runtime.restart_with_huge_pages(first)  # first: it starts this process over
+            cpu.restart_with_huge_pages(first.runtime)  # first: it starts this process over
         logs.show_own_info()
-        runtime.setup_runtime(first)  # as launch.py does, before any JAX computation
+        cpu.setup(first.runtime, (first.train.batch_size, first.runtime.eval_batch_size))
         run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)
         print((pathlib.Path(flags.FLAGS.sweep_dir) / "results.md").read_text())
         # (returning anything else would become the exit status)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from fvae.images import tile
+
 TENSORBOARD_DIR = "tensorboard"
 # Record keys that say where a record belongs rather than what was measured.
 BOOKKEEPING_KEYS = ("split", "epoch", "step", "wall_time")
@@ -60,8 +62,6 @@ class TensorBoardWriter:
 
     def add_images(self, tag: str, images: np.ndarray, step: int, ncols: int = 8) -> None:
         """Images [N, 28, 28(, 1)] with pixel values in [0, 1], as one tiled mosaic."""
-        from fvae.plots import tile  # local: plots pulls in matplotlib
-
         mosaic = np.clip(tile(np.asarray(images), ncols), 0.0, 1.0)
         self._writer.add_image(tag, mosaic, step, dataformats="HW")
         self._writer.flush()

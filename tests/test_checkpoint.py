@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fvae import checkpoint, losses, parallel, train
+from fvae import checkpoint, configs, keys, losses, parallel, runs, steps, train
 from conftest import write_experiment
 from fvae.writer import read_metrics
 
@@ -68,7 +68,7 @@ def wait_for_checkpoint(workdir, run: Run, min_step: int, timeout: float = 120):
 
 # A run long enough to be killed in the middle: 12 epochs of 8 steps, saved every 3 steps.
 # One CPU device, like the in-process reference run, so the comparison can be bitwise.
-LONG = {"train.num_epochs": 12, "checkpoint.every_steps": 3, "train.cpu_devices": 1}
+LONG = {"train.num_epochs": 12, "checkpoint.every_steps": 3, "runtime.cpu_devices": 1}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_sigkill_and_resume_is_bit_identical(tiny_data_dir, tmp_path, uninterrup
     assert code == 0, out[-2000:]
     assert "resuming tiny from the checkpoint at step" in out
 
-    _, _, params = checkpoint.load(workdir)
+    _, _, params = runs.load_checkpoint(workdir)[:3]
     assert_same_params(params, uninterrupted[1].params)
     assert_same_metrics(workdir, uninterrupted[0])  # each epoch logged exactly once
 
@@ -113,8 +113,8 @@ def test_sigterm_saves_and_resumes_exactly(tiny_data_dir, tmp_path, uninterrupte
 
     code, out = start(experiment, workdir).finish()
     assert code == 0, out[-2000:]
-    assert not (workdir / "figures").exists()  # train.num_figure_images=0: none drawn
-    _, _, params = checkpoint.load(workdir)
+    assert not (workdir / "figures").exists()  # report.num_figure_images=0: none drawn
+    _, _, params = runs.load_checkpoint(workdir)[:3]
     assert_same_params(params, uninterrupted[1].params)
     assert_same_metrics(workdir, uninterrupted[0])
 
@@ -143,7 +143,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_config, t
         train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))
     ckpt = checkpoint.Checkpointer(tmp_path, make_config())
     assert ckpt.latest.all_steps() == [8]
-    _, _, params = checkpoint.load(tmp_path)
+    _, _, params = runs.load_checkpoint(tmp_path)[:3]
     assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(params))
 
 
@@ -163,12 +163,12 @@ def test_an_epoch_of_skipped_steps_is_logged_not_fatal(make_config, tmp_path, mo
     epoch as skipped and keeps its initial parameters."""
     monkeypatch.setattr(losses, "vae_loss", nan_loss_when(lambda x: True))
     config = make_config(**{"train.on_nonfinite": "skip", "train.num_epochs": 1,
-                            "train.log_every_steps": 1})
+                            "report.log_every_steps": 1})
     state = train.train_and_evaluate(config, str(tmp_path))
     [line] = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
     assert line["skipped"] == 8 and int(state.step) == 8
-    initial = train.create_train_state(config, train.build_training_model(
-        config, parallel.make_data_parallel(1)), train.RunKeys.from_seed(config.seed).init, 8)
+    initial = steps.create_train_state(config, train.training_model(
+        config, parallel.make_data_parallel(1)), keys.RunKeys.from_seed(config.seed).init, 8)
     assert_same_params(state.params, initial.params)
 
 
@@ -182,7 +182,7 @@ def test_resuming_with_a_different_model_names_the_keys(make_config, tmp_path):
     # A shorter config would pass the longer run off as its own: refused, nothing moved.
     with pytest.raises(checkpoint.CheckpointError, match="at step 24, past the 16 steps"):
         train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))
-    assert checkpoint.load_run(tmp_path).step == 24
+    assert runs.load_checkpoint(tmp_path).step == 24
 
 
 def test_extending_a_run_that_ended_mid_epoch_equals_the_longer_run(make_config, tmp_path):
@@ -197,32 +197,38 @@ def test_extending_a_run_that_ended_mid_epoch_equals_the_longer_run(make_config,
     assert_same_metrics(tmp_path / "uninterrupted", tmp_path / "run")
     assert_same_params(state.params, reference.params)
     # The short run's best checkpoint, at the partial epoch's end, was set aside.
-    assert checkpoint.load_run(tmp_path / "run", "best").step == checkpoint.load_run(
+    assert runs.load_checkpoint(tmp_path / "run", "best").step == runs.load_checkpoint(
         tmp_path / "uninterrupted", "best").step
     assert 12 not in checkpoint.Checkpointer(tmp_path / "run", longer).best.all_steps()
 
 
-def test_extending_an_earlier_fvaes_mid_epoch_end_keeps_its_lines(make_config, tmp_path):
-    """fvae before 39f2108 saved a run that ended mid-epoch with its sums reset: the
-    longer run keeps the partial epoch's lines and averages the rest over its own steps
-    (not over the whole epoch, which halved them)."""
-    import shutil
-    config = make_config(**{"train.num_steps": 12})
+def rewrite_meta(step_dir: pathlib.Path, **changes) -> None:
+    """Edits the JSON meta item of a saved checkpoint in place."""
+    meta_file = step_dir / "meta" / "metadata"  # Orbax's JsonSave item
+    meta = json.loads(meta_file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_not_moved(make_config, tmp_path):
+    """Checkpoints record their format version; one of an older format (format 1 wrote
+    none) gets an error naming its version and what to do, and is never set aside."""
+    config = make_config(**{"train.num_epochs": 1})
     train.train_and_evaluate(config, str(tmp_path))
-    ckpt = checkpoint.Checkpointer(tmp_path, config)  # rewrite step 12 as it was saved
-    [_, tree] = ckpt.restore_latest(checkpoint.state_tree(
-        train.create_train_state(config, train.build_training_model(
-            config, parallel.make_data_parallel(1)), jax.random.key(0), 12),
-        train.zero_metrics()))
-    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "12")
-    ckpt.latest.reload()
-    ckpt.save(12, {**tree, "epoch_sums": train.zero_metrics()})
-    ckpt.wait()
-    ckpt.close()
-    train.train_and_evaluate(make_config(**{"train.num_steps": 24}), str(tmp_path))
-    lines = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
-    assert [(r["epoch"], r["step"]) for r in lines] == [(1, 8), (2, 12), (2, 16), (3, 24)]
-    assert 0.8 < lines[2]["loss"] / lines[1]["loss"] < 1.25  # not halved
+    step_dir = tmp_path / "checkpoints" / "latest" / "8"
+    meta = runs.load_checkpoint(tmp_path)  # format 2 reads back
+    assert meta.step == 8
+    rewrite_meta(step_dir, format=None)
+    with pytest.raises(checkpoint.CheckpointError, match="format version 1; this fvae "
+                       "reads version 2 only"):
+        train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError, match="format version 1"):
+        runs.load_checkpoint(tmp_path)
+    assert step_dir.is_dir() and not (tmp_path / "checkpoints" / "corrupt").exists()
 
 
 def largest_file(directory: pathlib.Path) -> pathlib.Path:
@@ -284,7 +290,7 @@ def test_a_fresh_start_sets_aside_an_earlier_runs_best_checkpoint(make_config, t
     shutil.rmtree(tmp_path / "checkpoints" / "latest")  # only the best of that run is left
     train.train_and_evaluate(make_config(**{"train.num_epochs": 1, "seed": 5}), str(tmp_path))
     assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints" / "previous_best").iterdir()] == ["8"]
-    config, _, _ = checkpoint.load(tmp_path, "best")
+    config, _, _ = runs.load_checkpoint(tmp_path, "best")[:3]
     assert config.seed == 5
 
 
@@ -296,11 +302,11 @@ def test_unwritable_workdir_fails_before_training(make_config, tmp_path):
 
 def test_load_latest_best_and_step(make_config, tmp_path):
     state = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}), str(tmp_path))
-    config, model, params = checkpoint.load(tmp_path, "latest")
+    config, model, params = runs.load_checkpoint(tmp_path, "latest")[:3]
     assert config.model.latent_dim == 2 and config.name == "tiny"
     assert_same_params(params, state.params)
-    _, _, best = checkpoint.load(tmp_path, "best")
-    _, _, first = checkpoint.load(tmp_path, 8)
+    _, _, best = runs.load_checkpoint(tmp_path, "best")[:3]
+    _, _, first = runs.load_checkpoint(tmp_path, 8)[:3]
     elbos = [r["elbo"] for r in read_metrics(tmp_path) if r["split"] == "test"]
     expected = [first, None, params][int(np.argmin(elbos))]
     if expected is not None:
@@ -308,18 +314,18 @@ def test_load_latest_best_and_step(make_config, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["checkpoint"]["keep"] == 3
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint 5"):
-        checkpoint.load(tmp_path, 5)
+        runs.load_checkpoint(tmp_path, 5)[:3]
     with pytest.raises(checkpoint.CheckpointError, match="is it a training workdir"):
-        checkpoint.load(tmp_path / "nothing")
+        runs.load_checkpoint(tmp_path / "nothing")[:3]
 
 
 def test_a_best_checkpoint_saved_before_a_restart_keeps_its_own_elbo(make_config, tmp_path):
     """An epoch recomputed after a restart (on a GPU, not bit for bit) cannot claim a
     lower ELBO for a step whose best checkpoint is already on disk with another."""
     config = make_config()
-    model = train.build_training_model(config, parallel.make_data_parallel(1))
-    state = train.create_train_state(config, model, jax.random.key(0), 16)
-    tree = checkpoint.state_tree(state, train.zero_metrics())
+    model = train.training_model(config, parallel.make_data_parallel(1))
+    state = steps.create_train_state(config, model, jax.random.key(0), 16)
+    tree = steps.state_tree(state, steps.zero_metrics())
     ckpt = checkpoint.Checkpointer(tmp_path, config)
     assert ckpt.save_best(8, tree, 10.0)
     ckpt.wait()

@@ -76,7 +76,7 @@ def test_one_run_writes_figure_markdown_and_csv(trained, tmp_path, capsys):
 def test_two_runs_of_different_lengths(trained, tmp_path):
     long = make_run(trained, tmp_path / "long", epochs=4, name="long",
                     train__num_epochs=4, model__latent_dim=16, loss__beta=0.5)
-    runs = [compare.load_run(trained), compare.load_run(long)]
+    runs = [compare.read_run(trained), compare.read_run(long)]
     fig = compare.curves_figure(runs)
     assert len(fig.axes) == 4
     for ax in fig.axes:
@@ -137,10 +137,10 @@ def test_not_a_run_is_named_and_nothing_is_written(trained, tmp_path, capsys):
     (stray / "eval.json").write_text("{")
     (stray / "config.json").write_text((trained / "config.json").read_text())
     with pytest.raises(ValueError, match="eval.json is not valid JSON"):
-        compare.load_run(stray)
+        compare.read_run(stray)
     (stray / "config.json").write_text("{")
     with pytest.raises(compare.NotARunError, match="stray/config.json is not valid JSON"):
-        compare.load_run(stray)
+        compare.read_run(stray)
 
 
 def test_nonfinite_metrics_are_gaps_not_errors(trained, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fvae import binarize, checkpoint, classifier, data, evaluate, losses, models, train
+from fvae import binarize, checkpoint, classifier, data, evaluate, losses, models, runs, train
 
 EVAL_KEYS = {"elbo", "nll_recon", "kl", "kl_per_dim", "active_units", "iwae_nll",
              "recon_mse", "psnr", "ssim", "sharpness", "fd_samples", "fd_recons",
@@ -25,7 +25,7 @@ def run(tiny_data_dir, tmp_path_factory):
     config = tiny_config(tiny_data_dir, **QUICK_EVAL,
                          **{"eval.classifier_dir": str(root / "classifier")})
     train.train_and_evaluate(config, str(root / "run"))
-    _, model, params = checkpoint.load(root / "run", "best")
+    _, model, params = runs.load_checkpoint(root / "run", "best")[:3]
     return root / "run", config, model, params, data.load(config)
 
 
@@ -121,7 +121,7 @@ def test_active_units_of_a_constructed_encoder(run, monkeypatch):
         return mean, jnp.zeros_like(mean)
 
     monkeypatch.setattr(models, "encode", fake_encode)
-    assert evaluate.cheap_metrics(model, params, config, dataset.test_images)[
+    assert evaluate.epoch_image_metrics(model, params, config, dataset.test_images)[
         "active_units"] == 3
 
 
@@ -267,12 +267,12 @@ def test_classifier_cache_is_keyed_by_the_data():
 # ---- end to end ----------------------------------------------------------------
 def test_evaluate_run_writes_every_metric(run):
     workdir, config, _, _, _ = run
-    results = evaluate.evaluate_run(workdir, "best", config=config, progress=False)
+    results = runs.evaluate_run(workdir, "best", config=config, progress=False)
     written = json.loads((workdir / "eval.json").read_text())
     assert set(written) == EVAL_KEYS
     assert written["num_test_images"] == 64 and written["iwae_samples"] == 40
     assert written["eval_settings"]["iwae_samples"] == 40  # what the sweep checks
-    assert written["checkpoint_step"] == checkpoint.load_run(workdir, "best").step > 0
+    assert written["checkpoint_step"] == runs.load_checkpoint(workdir, "best").step > 0
     assert len(written["kl_per_dim"]) == config.model.latent_dim
     assert sum(written["kl_per_dim"]) == pytest.approx(written["kl"], rel=1e-4)
     assert written["elbo"] == pytest.approx(written["nll_recon"] + written["kl"], rel=1e-6)
@@ -280,7 +280,7 @@ def test_evaluate_run_writes_every_metric(run):
     assert 0 < written["ssim"] <= 1 and written["psnr"] > 0 and written["fd_samples"] > 0
     assert 0 <= written["probe_accuracy"] <= 1
     assert results["iwae_nll"] == pytest.approx(written["iwae_nll"])
-    cheap = evaluate.cheap_metrics(*run[2:4], config, run[4].test_images)
+    cheap = evaluate.epoch_image_metrics(*run[2:4], config, run[4].test_images)
     for key, value in cheap.items():
         assert value == pytest.approx(written[key], rel=1e-6), key
 
@@ -289,7 +289,7 @@ def test_evaluate_run_rejects_a_config_of_another_model(run):
     workdir, config, _, _, _ = run
     other = tiny_config(config.data.dir, **{"model.latent_dim": 3})
     with pytest.raises(checkpoint.CheckpointError, match="model.latent_dim"):
-        evaluate.evaluate_run(workdir, config=other, progress=False)
+        runs.evaluate_run(workdir, config=other, progress=False)
 
 
 def test_binarised_protocol_and_bits_per_dimension(run):
@@ -300,7 +300,7 @@ def test_binarised_protocol_and_bits_per_dimension(run):
         "data.binarize": "dynamic", "eval.iwae_num_images": 16, "eval.fd_num_samples": 32})
     inputs = evaluate.model_inputs(config, dataset.test_images)
     assert set(np.unique(inputs)) == {0, 255}
-    results = evaluate.evaluate(model, params, config, dataset, progress=False)
+    results = evaluate.full_evaluation(model, params, config, dataset, progress=False)
     assert results["iwae_num_images"] == 16 and results["fd_num_samples"] == 32
     assert results["iwae_bpd"] == pytest.approx(results["iwae_nll"] / (784 * np.log(2)))
     _, nll = evaluate.likelihood_bounds(model, params, config.loss, inputs,
@@ -335,7 +335,7 @@ def test_optimal_gaussian_is_scored_with_one_sigma_fitted_on_the_training_split(
              for d in (60, 6)]
     assert not np.allclose(refit[0][0], refit[1][0], rtol=1e-3)
 
-    results = evaluate.evaluate(model, params, config, dataset, progress=False)
+    results = evaluate.full_evaluation(model, params, config, dataset, progress=False)
     assert results["gaussian_log_sigma"] == pytest.approx(evaluate.gaussian_log_sigma(
         model, params, config.loss, train_images,
         jax.random.fold_in(jax.random.key(config.eval.seed), 3), 48), rel=1e-6)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import write_experiment
-from fvae import checkpoint, configs, parallel
+from fvae import checkpoint, configs, parallel, runs
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -23,9 +23,9 @@ jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))
 sys.path.insert(0, sys.argv[3])
 from conftest import tiny_config
 from fvae import train
-config = tiny_config(sys.argv[2], **MODEL, **{"train.num_devices": int(sys.argv[1]),
-                                     "train.cross_device_reduce": sys.argv[5],
-                                     "train.batch_size": 32, "train.eval_batch_size": 16,
+config = tiny_config(sys.argv[2], **MODEL, **{"runtime.num_devices": int(sys.argv[1]),
+                                     "runtime.cross_device_reduce": sys.argv[5],
+                                     "train.batch_size": 32, "runtime.eval_batch_size": 16,
                                      "data.binarize": sys.argv[6],
                                      "checkpoint.enabled": False})
 state = train.train_and_evaluate(config, sys.argv[4])
@@ -33,7 +33,7 @@ replicas = [[s.data.tolist() for s in x.addressable_shards] for x in jax.tree.le
 print(json.dumps({"devices": jax.device_count(), "leaves": [r[0] for r in replicas],
                   "replicas_identical": all(r == [r[0]] * len(r) for r in replicas)}))
 """
-# 16-channel convs, so that fvae's CPU kernels (fvae.cpu_kernels) run split across devices.
+# 16-channel convs, so that fvae's CPU kernels (fvae.cpu) run split across devices.
 MODEL = {"model.encoder_widths": (8, 16, 16), "model.decoder_widths": (16, 16, 16)}
 SCRIPT = SCRIPT.replace("**MODEL", f"**{MODEL!r}")
 
@@ -110,7 +110,7 @@ jax.config.update("jax_num_cpu_devices", 2)
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from conftest import tiny_config
-from fvae import batching, cpu_kernels, evaluate, models
+from fvae import batching, cpu, evaluate, models
 calls = []
 def scaled(p, batch):
     calls.append((p.devices(), batch.devices()))
@@ -118,7 +118,7 @@ def scaled(p, batch):
 out = batching.map_batches(scaled, np.float32(2), np.arange(7.0, dtype=np.float32), 2,
                            devices=jax.devices())["out"].tolist()
 config = tiny_config("unused", **MODEL)
-model = models.build_model(config.model, cpu_kernels.convolutions_for("fvae"))
+model = cpu.accelerate(models.build_model(config.model), "fvae")
 params = models.init_params(model, jax.random.key(0))
 images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), np.uint8)
 key = jax.device_put(jax.random.key(1), jax.devices()[0])  # committed to one device
@@ -156,7 +156,7 @@ def test_batch_must_divide_across_devices():
 
 
 def test_asking_for_more_devices_than_exist_is_a_clear_error():
-    with pytest.raises(ValueError, match="train.num_devices=99"):
+    with pytest.raises(ValueError, match="runtime.num_devices=99"):
         parallel.make_data_parallel(99)
 
 
@@ -182,7 +182,7 @@ def test_two_processes_train_as_one_device_does(tiny_data_dir, one_device_run, t
     one, one_dir = one_device_run()
     experiment = write_experiment(tmp_path / "exp.py", tiny_data_dir,
                                   **MODEL, **{"train.batch_size": 32,
-                                              "train.eval_batch_size": 16})
+                                              "runtime.eval_batch_size": 16})
     workdir, port = tmp_path / "run", free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     procs = []
@@ -200,7 +200,7 @@ def test_two_processes_train_as_one_device_does(tiny_data_dir, one_device_run, t
             p.kill()
     assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
     assert "process 1 of 2, 1 local of 2 devices" in logs[1].read_text()
-    params = checkpoint.load_run(workdir).params
+    params = runs.load_checkpoint(workdir).params
     assert_same_run(one, {"leaves": [x.tolist() for x in jax.tree.leaves(params)]},
                     one_dir, workdir)
     assert not list(workdir.glob(".write_test*"))

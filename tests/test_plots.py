@@ -1,6 +1,7 @@
 """Per-run figures from a tiny trained run (latent 2 and the PCA path at latent 3),
 their latent-space geometry against closed forms, and TensorBoard event files."""
 
+import functools
 import json
 import math
 import pathlib
@@ -15,6 +16,7 @@ import pytest
 
 from conftest import tiny_config
 from fvae import checkpoint, data, losses, models, plots, train
+from fvae.runs import load_checkpoint, write_run_figures
 from fvae.writer import MetricsWriter, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -58,7 +60,7 @@ def assert_png(path: pathlib.Path, min_size: int = 200) -> None:
 @pytest.mark.parametrize("latent", [2, 3])
 def test_write_run_figures(runs, latent, captured):
     workdir = runs[latent]
-    paths = plots.write_run_figures(workdir, grid_size=GRID)
+    paths = write_run_figures(workdir, grid_size=GRID)
     assert {p.name for p in paths} == RUN_FIGURES
     for path in paths:
         assert path.parent == workdir / "figures"
@@ -77,7 +79,7 @@ def test_write_run_figures(runs, latent, captured):
     assert scatter.get_xlabel().startswith(expected_labels[0])
 
     kl_axes = captured["kl_per_dimension.png"].axes[0]
-    config, model, params = checkpoint.load(workdir, "best")
+    config, model, params = load_checkpoint(workdir, "best")[:3]
     mean, logvar = models.encode(model, params, data.load(config).test_images)
     kl, _ = plots.latent_statistics(mean, logvar)
     np.testing.assert_allclose([bar.get_height() for bar in kl_axes.patches], kl, rtol=1e-4)
@@ -87,7 +89,7 @@ def test_write_run_figures(runs, latent, captured):
 
 
 def test_scatter_is_capped_and_keeps_every_class(runs, captured, tmp_path):
-    config, model, params = checkpoint.load(runs[3], "best")
+    config, model, params = load_checkpoint(runs[3], "best")[:3]
     dataset = data.load(config)
     plots.write_figures(model, params, config, dataset, tmp_path, jax.random.key(0),
                         max_points=20, grid_size=3, num_pairs=2, num_steps=4)
@@ -96,6 +98,27 @@ def test_scatter_is_capped_and_keeps_every_class(runs, captured, tmp_path):
     assert len(scatter.get_legend().get_texts()) == 10
     assert captured["interpolations.png"].axes[0].images[0].get_array().shape == \
         (2 * 28, 6 * 28)
+
+
+def test_the_figures_hand_their_grids_to_tensorboard_computed_once(runs, captured, tmp_path):
+    """add_images gets the reconstruction and sample grids the PNGs show: the test
+    images, their reconstructions through the posterior mean, and prior samples."""
+    config, model, params = load_checkpoint(runs[3], "best")[:3]
+    dataset, got = data.load(config), {}
+    plots.write_figures(model, params, config, dataset, tmp_path, jax.random.key(0),
+                        num_images=4, grid_size=3, num_pairs=1, num_steps=3,
+                        add_images=lambda tag, images, ncols=8: got.update({tag: (images, ncols)}))
+    assert set(got) == {"test/reconstructions", "prior/samples"}
+    mean_fn = functools.partial(losses.pixel_mean, loss_config=config.loss)
+    images, ncols = got["test/reconstructions"]
+    recons = models.reconstruct(model, params, dataset.test_images[:4], mean_fn=mean_fn)
+    assert ncols == 4 and images.shape == (8, 28, 28)
+    np.testing.assert_allclose(images[:4], dataset.test_images[:4] / 255.0)
+    np.testing.assert_allclose(images[4:], np.asarray(recons).reshape(4, 28, 28), atol=1e-5)
+    samples = models.sample(model, params, jax.random.key(0), 4, config.model.latent_dim,
+                            mean_fn)
+    np.testing.assert_allclose(got["prior/samples"][0], np.asarray(samples).reshape(4, 28, 28),
+                               atol=1e-6)
 
 
 def test_one_dimensional_latents_skip_the_plane_figures(tiny_data_dir, tmp_path):
@@ -111,10 +134,10 @@ def test_one_dimensional_latents_skip_the_plane_figures(tiny_data_dir, tmp_path)
 def test_data_dir_override(runs, tiny_data_dir, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(tiny_data_dir, moved)
-    paths = plots.write_run_figures(runs[2], which="latest", data_dir=moved, grid_size=3)
+    paths = write_run_figures(runs[2], which="latest", data_dir=moved, grid_size=3)
     assert len(paths) == len(RUN_FIGURES)
     with pytest.raises(data.DataError, match="nowhere"):
-        plots.write_run_figures(runs[2], data_dir=tmp_path / "nowhere")
+        write_run_figures(runs[2], data_dir=tmp_path / "nowhere")
 
 
 def test_loss_curves_need_only_metrics(runs, tmp_path, captured):

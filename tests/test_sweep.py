@@ -12,7 +12,7 @@ from fvae import configs, sweep, train
 def tiny_sweep(tmp_path, data_dir) -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     s.base = str(write_experiment(tmp_path / "tiny.py", data_dir,
-                                  **{"train.num_figure_images": 4}))  # the sweep shows them
+                                  **{"report.num_figure_images": 4}))  # the sweep shows them
     s.warmup_epochs = 1.0
     s.axes = ml_collections.ConfigDict({"likelihood": ("mse-mean", "bce"),
                                         "warmup": ("on",)})

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from conftest import assert_params_close, params_equal
-from fvae import configs, runtime, train
+from fvae import configs, cpu, steps, train
 from fvae.writer import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
 
 
 def test_training_lowers_the_test_loss_and_writes_the_run(make_config, tmp_path):
-    config = make_config(**{"train.num_epochs": 4, "train.num_figure_images": 4})
+    config = make_config(**{"train.num_epochs": 4, "report.num_figure_images": 4})
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 4 * (256 // 32)
     records = read_metrics(tmp_path)
@@ -44,10 +44,10 @@ def test_same_seed_same_parameters_other_seed_other(make_config, tmp_path):
 
 
 def test_steps_per_dispatch_does_not_change_the_result(make_config, tmp_path):
-    one = train.train_and_evaluate(make_config(**{"train.steps_per_dispatch": 1}),
+    one = train.train_and_evaluate(make_config(**{"runtime.steps_per_dispatch": 1}),
                                    str(tmp_path / "one"))
     # 3 does not divide the 8 steps of an epoch: chunks of 3, 3, 2 per epoch.
-    three = train.train_and_evaluate(make_config(**{"train.steps_per_dispatch": 3}),
+    three = train.train_and_evaluate(make_config(**{"runtime.steps_per_dispatch": 3}),
                                      str(tmp_path / "three"))
     assert_params_close(one.params, three.params, rtol=1e-4, atol=1e-5)
 
@@ -76,7 +76,7 @@ def test_other_models_and_options_train(make_config, tmp_path, overrides):
 
 def test_non_finite_loss_stops_with_the_step_named(make_config, tmp_path):
     config = make_config(**{"optim.learning_rate": 1e12, "optim.name": "sgd",
-                            "train.log_every_steps": 1})
+                            "report.log_every_steps": 1})
     with pytest.raises(train.NonFiniteLossError, match=r"step \d+: .*loss="):
         train.train_and_evaluate(config, str(tmp_path))
 
@@ -91,9 +91,9 @@ def test_launch_trains_with_command_line_overrides(tiny_data_dir, tmp_path):
         "--config", "experiments/keras_dh2.py", "--workdir", str(tmp_path),
         f"--config.data.dir={tiny_data_dir}", "--config.data.verify_checksums=False",
         "--config.train.num_steps=4", "--config.train.batch_size=32",
-        "--config.train.progress_bar=False")
+        "--config.report.progress_bar=False")
     assert result.returncode == 0, result.stderr[-2000:]
-    if runtime.huge_pages_restart_env(configs.get_base_config()) is not None:
+    if cpu.huge_pages_restart_env(configs.get_base_config().runtime) is not None:
         assert "restarted with GLIBC_TUNABLES" in result.stderr  # this machine allows it
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["name"] == "keras" and saved["train"]["num_steps"] == 4
@@ -121,12 +121,18 @@ def test_launch_trains_with_command_line_overrides(tiny_data_dir, tmp_path):
 
 
 def test_launch_rejects_unknown_keys_and_bad_values(tmp_path):
+    """One line naming the key and the fix, no traceback, before any work."""
     result = run_launch("--config", "experiments/sharp_bce.py", "--workdir", str(tmp_path),
                         "--config.model.latent_dims=3")
-    assert result.returncode != 0 and "latent_dims" in result.stderr
+    assert result.returncode != 0 and "unknown config key(s): model.latent_dims" in result.stderr
+    result = run_launch("--config", "experiments/sharp_bce.py", "--workdir", str(tmp_path),
+                        "--config.train.cpu_devices=2")  # an earlier fvae's key
+    assert result.returncode != 0
+    assert "train.cpu_devices is now runtime.cpu_devices" in result.stderr
     result = run_launch("--config", "experiments/sharp_bce.py", "--workdir", str(tmp_path),
                         "--config.loss.beta=-1")
     assert result.returncode != 0 and "config.loss.beta=-1" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -134,10 +140,10 @@ def test_dynamic_binarization_trains_on_fresh_binary_draws(make_config, tmp_path
     from fvae import binarize, models
     config = make_config(**{"data.binarize": "dynamic", "train.num_steps": 2})
     model = models.build_model(config.model)
-    state = train.create_train_state(config, model, jax.random.key(0), 2)
-    binarized_step = jax.jit(train.make_train_step(model, config.loss, lambda s: 1.0,
+    state = steps.create_train_state(config, model, jax.random.key(0), 2)
+    binarized_step = jax.jit(steps.make_train_step(model, config.loss, lambda s: 1.0,
                                                    binarize_inputs=True))
-    plain_step = jax.jit(train.make_train_step(model, config.loss, lambda s: 1.0))
+    plain_step = jax.jit(steps.make_train_step(model, config.loss, lambda s: 1.0))
     batch = np.full((4, 28, 28), 128, np.uint8)
     key = jax.random.key(1)
     binary = binarize.binarize(jax.random.fold_in(key, 1), batch)
@@ -158,7 +164,7 @@ def test_dynamic_binarization_trains_on_fresh_binary_draws(make_config, tmp_path
 def test_vmapped_seeds_match_separate_runs(make_config, tmp_path):
     seeds = (0, 1)
     together = train.train_seeds(
-        [make_config(seed=s, **{"train.num_figure_images": 4}) for s in seeds],
+        [make_config(seed=s, **{"report.num_figure_images": 4}) for s in seeds],
         [tmp_path / f"v{s}" for s in seeds])
     for s, state in zip(seeds, together):
         alone = train.train_and_evaluate(make_config(seed=s), str(tmp_path / f"s{s}"))
@@ -221,12 +227,17 @@ def test_close_all_closes_everything_then_raises_the_first_failure():
         def close(self):
             closed.append("writer")
 
-    ckpts = [Checkpointer("a", True), None, Checkpointer("b", True)]
+    class Run:  # what close_all reads of a train.Run
+        def __init__(self, ckpt, writer):
+            self.ckpt, self.writer = ckpt, writer
+
+    runs_ = [Run(Checkpointer("a", True), Writer()), Run(None, None),
+             Run(Checkpointer("b", True), None)]
     with pytest.raises(OSError, match="under a"):
-        train.close_all(ckpts, [Writer()])
+        train.close_all(runs_)
     assert closed == ["a", "b", "writer"]
     closed.clear()
-    train.close_all(ckpts, [Writer()], raise_first=False)  # an error is already in flight
+    train.close_all(runs_, raise_first=False)  # an error is already in flight
     assert closed == ["a", "b", "writer"]
 
 

@@ -1,0 +1,101 @@
+"""What is done to a trained run's workdir: read its checkpoint back as a model, score
+it into workdir/eval.json, draw its figures into workdir/figures/.
+
+    runs.load_checkpoint(workdir, "best")   -> LoadedRun(config, model, params, step)
+    runs.evaluate_run(workdir)              -> eval.json (launch.py --mode eval)
+    runs.write_run_figures(workdir)         -> figures/*.png (launch.py --mode plot)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+
+from fvae import checkpoint, configs, cpu, data, evaluate, models, plots
+from fvae.keys import RunKeys
+from fvae.steps import abstract_state_tree
+from fvae.writer import jsonable, read_metrics
+
+
+class LoadedRun(NamedTuple):
+    """A trained run's checkpoint, read back: what it is, its parameters, its step."""
+    config: ml_collections.ConfigDict
+    model: Any
+    params: Any
+    step: int
+
+
+def load_checkpoint(workdir: str | os.PathLike, which: str | int = "latest") -> LoadedRun:
+    """The checkpoint `which` names ('latest', 'best' or a step), as a model to apply.
+    The model computes with the run's own convolutions (fvae's CPU kernels unless it
+    chose XLA's): the IWAE bound decodes thousands of draws per image."""
+    built = {}
+
+    def target_for(meta: dict[str, Any]) -> dict:
+        config = configs.from_dict(meta["config"])
+        model = cpu.accelerate(models.build_model(config.model), config.runtime.cpu_conv3x3)
+        built.update(config=config, model=model)
+        return abstract_state_tree(config, model)
+
+    _, tree, step = checkpoint.read(workdir, which, target_for)
+    params = jax.tree.map(jax.numpy.asarray, tree["train_state"]["params"])
+    return LoadedRun(built["config"], built["model"], params, step)
+
+
+def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
+                 config: ml_collections.ConfigDict | None = None,
+                 progress: bool = True) -> dict:
+    """Evaluates a run's checkpoint (`which`: 'best', 'latest' or a step) on the test
+    split and writes workdir/eval.json; returns the same dict.
+
+    `config` (optional, e.g. the one launch.py was given) supplies the eval block and
+    where the data are; its model, loss and data protocol must be those the
+    checkpoint was trained with. Without it, the run's own config and the default
+    eval block are used.
+    """
+    start = time.time()
+    saved, model, params, step = load_checkpoint(workdir, which)
+    if config is None:
+        config = saved
+    else:
+        checkpoint.check_config(checkpoint.config_to_dict(saved), config, workdir,
+                                only=configs.MODEL_PREFIXES)
+    results = evaluate.full_evaluation(model, params, config, data.load(config), progress)
+    results["eval_seconds"] = time.time() - start
+    results["eval_settings"] = configs.flatten(config.eval)  # what the numbers depend on
+    results["checkpoint_step"] = step
+    path = pathlib.Path(workdir) / "eval.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({k: [jsonable(x) for x in v] if isinstance(v, list)
+                               else jsonable(v) for k, v in results.items()},
+                              indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return results
+
+
+def write_run_figures(workdir: str | os.PathLike, which: str | int = "best",
+                      num_images: int = 16, max_points: int = 5000,
+                      data_dir: str | os.PathLike | None = None,
+                      **figure_options) -> list[pathlib.Path]:
+    """All figures of a trained run into workdir/figures/, from its checkpoint `which`
+    ('best', 'latest' or a step) and its config; `data_dir` overrides config.data.dir
+    when the data has moved. Loss curves are drawn when metrics.jsonl has epochs."""
+    workdir = pathlib.Path(workdir)
+    config, model, params, _ = load_checkpoint(workdir, which)
+    if data_dir is not None:
+        config.data.dir = str(data_dir)
+    dataset = data.load(config)
+    key = RunKeys.from_seed(config.seed).figures
+    paths = plots.write_figures(model, params, config, dataset, workdir / "figures", key,
+                                num_images=num_images, max_points=max_points,
+                                **figure_options)
+    if any(r.get("split") == "test" for r in read_metrics(workdir)):
+        paths.append(plots.loss_curves(workdir, workdir / "figures" / "loss_curves.png",
+                                       title=f"{config.name}: training curves"))
+    return paths
