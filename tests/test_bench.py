@@ -1,6 +1,7 @@
 """fvae.bench's bookkeeping: rounds reduce to their median, and the table says so."""
 
-from fvae import bench
+from fvae import configs
+from fvae.bench import training as bench
 
 
 def result(images_per_sec, **extra):
@@ -61,8 +62,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path):
     assert len(row["rounds_images_per_sec"]) == 2 and row["images_per_sec"] > 0
     assert row["iwae_draws_per_sec"] > 0 and row["peak_memory_mb"] > 0
     assert 0 < row["iwae_useful_gflops"] < 2 * report["matmul_peak_gflops"]
-    from fvae import cpu_kernels  # the kernels' tiles for this host, and the host, on record
-    assert row["kernel_tiles"] == cpu_kernels.tiles() and report["cpu"].count(",") >= 1
+    from fvae import cpu  # the kernels' tiles for this host, and the host, on record
+    assert row["kernel_tiles"] == cpu.tiles() and report["cpu"].count(",") >= 1
 
 
 def test_useful_multiply_adds_of_the_study_model():

@@ -1,12 +1,12 @@
 """fvae's CPU convolution kernels against XLA's, one study-sized layer at a time.
 
-    python -m benchmarks.cpu_kernels                     # the host's own register tiles
-    python -m benchmarks.cpu_kernels --tiles 8,4,3,3,16,2,14,8   # other tile sets too
+    python -m fvae.bench.kernels                         # the host's own register tiles
+    python -m fvae.bench.kernels --tiles 8,4,3,3,16,2,14,8   # other tile sets too
 
 Times each of the study model's convolutions (batch 128) by fvae's kernels
-(fvae.cpu_kernels) and by XLA:CPU (Eigen convolutions, as training runs them), best of
+(fvae/cpu/kernels.py) and by XLA:CPU (Eigen convolutions, as training runs them), best of
 --repeats calls after warm-up, and prints ms and GFLOP/s. `--tiles` takes tile sets
-"lanes,vectors,pixels,inputs" (FVAE_TILES in fvae/csrc/conv3x3.cc), four numbers each,
+"lanes,vectors,pixels,inputs" (FVAE_TILES in fvae/cpu/csrc/conv3x3.cc), four numbers each,
 and runs each in its own process: the way to size the tiles for a new instruction set.
 """
 
@@ -48,18 +48,19 @@ def best_ms(fn, *args, repeats: int) -> float:
 
 def time_layers(repeats: int) -> dict:
     """{layer: (fvae ms, xla ms, GFLOP)} for the host's tiles (or FVAE_KERNEL_TILES)."""
-    from fvae import configs, runtime
-    runtime.configure_cpu_convolutions(configs.get_base_config().train.cpu_convolutions)
+    from fvae import configs, cpu
+    cpu.configure_cpu_convolutions(configs.get_base_config().runtime.cpu_convolutions)
     import jax
     import jax.numpy as jnp
 
-    from fvae import cpu_kernels, models
+    from fvae import models
+    cpu_kernels = cpu.kernels
 
     def xla_conv(x, k):
         return cpu_kernels._xla_conv3x3(x, k)
 
     def xla_convt(x, k):
-        return models.subpixel_conv_transpose(x, k, jnp.zeros(k.shape[3]), False)
+        return models.subpixel_conv_transpose(x, k, jnp.zeros(k.shape[3]))
 
     def pullback(fn, wrt):  # the cotangent map of fn for one argument
         return lambda x, k, dy: jax.vjp(lambda a: fn(*((a, k) if wrt == 0 else (x, a))),
@@ -103,12 +104,12 @@ def main(argv=None) -> None:
         parser.error(f"--tiles={args.tiles}: four numbers per tile set")
     tile_sets = [None] + [",".join(numbers[i:i + 4]) for i in range(0, len(numbers), 4)]
     for tiles in tile_sets:
-        from fvae import cpu_kernels
+        from fvae import cpu
         env = dict(os.environ)
-        env.pop(cpu_kernels.TILES_VARIABLE, None)
+        env.pop(cpu.kernels.TILES_VARIABLE, None)
         if tiles:
-            env[cpu_kernels.TILES_VARIABLE] = tiles
-        result = subprocess.run([sys.executable, "-m", "benchmarks.cpu_kernels", "--child",
+            env[cpu.kernels.TILES_VARIABLE] = tiles
+        result = subprocess.run([sys.executable, "-m", "fvae.bench.kernels", "--child",
                                  "--repeats", str(args.repeats)], env=env, capture_output=True,
                                 text=True)
         if result.returncode:

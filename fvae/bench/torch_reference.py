@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import report, spec_from_argv, time_steps
+from fvae.bench.common import report, spec_from_argv, time_steps
 
 
 class ResBlock(nn.Module):

@@ -13,7 +13,7 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 from keras import layers  # noqa: E402
 
-from benchmarks.common import report, spec_from_argv, time_steps  # noqa: E402
+from fvae.bench.common import report, spec_from_argv, time_steps  # noqa: E402
 
 
 def build(model: str, latent: int):

@@ -24,7 +24,8 @@ def time_steps(step, batches, steps: int, warmup: int = 3) -> tuple[float, float
 
 
 def report(spec: dict, framework: str, first_s: float, step_s: float, device: str) -> None:
-    from fvae import bench, configs
+    from fvae import configs
+    from fvae.bench import training as bench
     config = configs.get_base_config()
     config.model.name, config.model.latent_dim = spec["model"], spec["latent_dim"]
     flops = bench.useful_macs_per_image(config.model) * bench.TRAIN_FLOPS_PER_MAC

@@ -1,4 +1,4 @@
-"""Training-step benchmark: images/s, compile time, peak memory, useful GFLOP/s.
+"""The training-step benchmark (`python -m fvae.bench`): images/s, compile time, peak memory, useful GFLOP/s.
 
     python -m fvae.bench                                  # the study's model, defaults
     python -m fvae.bench --models conv,keras --batch-sizes 64,128,256 --devices 1,2
@@ -7,7 +7,7 @@
     python -m fvae.bench --devices 2 --reduce host,xla    # how gradients cross devices
     python -m fvae.bench --cpu-convolutions eigen,xla_default  # XLA:CPU's conv kernels
     python -m fvae.bench --cpu-conv3x3 fvae,xla  # fvae's own conv kernels or XLA's
-    python -m fvae.bench --huge-pages true,false          # train.huge_pages (Linux)
+    python -m fvae.bench --huge-pages true,false          # runtime.huge_pages (Linux)
     python -m fvae.bench --reference keras --rounds 3     # median of 3 interleaved rounds
     python -m fvae.bench --epochs --seeds 1,4             # whole epochs, evaluation included
 
@@ -98,8 +98,8 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 def cpu_description() -> str:
     """The host CPU's model, core count and widest vector extension, for the JSON."""
-    from fvae.cpu_kernels import cpu_fingerprint  # one reader of /proc/cpuinfo
-    lines = cpu_fingerprint().splitlines()
+    from fvae import cpu  # one reader of /proc/cpuinfo
+    lines = cpu.cpu_fingerprint().splitlines()
     field = lambda name: [l.split(":", 1)[1] for l in lines if l.startswith(name)]  # noqa
     model = next((m.strip() for m in field("model name")), platform.processor()
                  or platform.machine())
@@ -116,86 +116,100 @@ def bench_config(spec: dict[str, Any]):
     config.model.name, config.model.latent_dim = spec["model"], spec["latent_dim"]
     config.model.upsample = spec["upsample"]
     config.train.batch_size = spec["batch_size"]
-    config.train.num_devices = spec["devices"]
-    config.train.cross_device_reduce = spec.get("reduce", "auto")
-    config.train.cpu_conv3x3 = spec.get("conv3x3", "fvae")
-    config.train.steps_per_dispatch = spec.get("steps_per_dispatch", 0)
+    config.runtime.num_devices = spec["devices"]
+    config.runtime.cross_device_reduce = spec.get("reduce", "auto")
+    config.runtime.cpu_conv3x3 = spec.get("conv3x3", "fvae")
+    config.runtime.steps_per_dispatch = spec.get("steps_per_dispatch", 0)
     return config
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Times the training step for one spec (runs in a fresh process)."""
-    from fvae import runtime
+    from fvae import configs, cpu
 
-    runtime.configure_cpu_convolutions(spec.get("cpu_convolutions", "eigen"))  # as launch.py
+    config = bench_config(spec)
+    config.runtime.cpu_devices = spec["devices"]
+    config.runtime.cpu_convolutions = spec.get("cpu_convolutions") or "eigen"
+    cpu.setup(config.runtime, (config.train.batch_size,))  # as launch.py, before JAX starts
     import jax
-    jax.config.update("jax_num_cpu_devices", spec["devices"])
-    import numpy as np
 
-    from fvae import losses, parallel, train
+    from fvae import parallel, train
 
-    batch = spec["batch_size"]
     if jax.default_backend() != "cpu":  # --devices counts CPU devices; use the accelerators
         spec = {**spec, "devices": min(spec["devices"], jax.device_count())}
-    config = bench_config(spec)
+        config.runtime.num_devices = spec["devices"]
     dp = parallel.make_data_parallel(spec["devices"], spec.get("reduce", "auto"))
-    model = train.build_training_model(config, dp)
-    seeds = spec.get("seeds", 1)
-    vmapped = seeds > 1  # as train.train_seeds: one vmapped step for all the seeds
-    state = dp.replicate(train.stack_seeds(
-        [train.create_train_state(config, model, jax.random.key(s), 10_000)
-         for s in range(seeds)], vmapped))
-    num_images = spec["num_images"]
-    steps_per_epoch = num_images // batch
-    step_fn = train.make_train_step(model, config.loss, losses.make_beta_schedule(
-        config.loss, steps_per_epoch, 10_000))
-    chunk = train.make_train_chunk(step_fn, batch, steps_per_epoch, dp, vmap_seeds=vmapped)
-    images = dp.replicate(np.random.default_rng(0).integers(0, 256, (num_images, 28, 28),
-                                                            dtype=np.uint8))
-    perm = dp.replicate(train.stack_seeds(
-        [train.epoch_permutation(jax.random.key(100 + s), 0, num_images) for s in range(seeds)],
-        vmapped))
-    key = dp.replicate(train.stack_seeds([jax.random.key(200 + s) for s in range(seeds)],
-                                         vmapped))
-    per_call = spec["steps_per_dispatch"] or train.default_steps_per_dispatch(steps_per_epoch)
-
-    t = time.perf_counter()
-    state, _ = chunk(state, images, perm, key, num_steps=per_call)
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - t
-    for _ in range(2):  # warm-up
-        state, _ = chunk(state, images, perm, key, num_steps=per_call)
-    jax.block_until_ready(state)
-    calls = max(1, spec["steps"] // per_call)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = time.perf_counter()
-    for _ in range(calls):
-        state, _ = chunk(state, images, perm, key, num_steps=per_call)
-    jax.block_until_ready(state)
-    seconds = time.perf_counter() - t
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    images_per_sec = calls * per_call * batch * seeds / seconds  # all seeds' images
+    model = train.training_model(config, dp)
+    chunk, state, inputs, per_call = _step_inputs(config, spec, dp, model)
+    seconds, calls, compile_s, faults = _time_chunk(chunk, state, inputs, per_call,
+                                                    spec["steps"])
+    steps_timed = calls * per_call
+    images_per_sec = steps_timed * config.train.batch_size * spec.get("seeds", 1) / seconds
     flops = useful_macs_per_image(config.model) * TRAIN_FLOPS_PER_MAC
     result = {**spec, "steps_per_dispatch": per_call,  # as resolved for the platform
               "reduce": "host" if dp.host_reduce else "xla" if dp.num_devices > 1 else "",
               "framework": "jax", "backend": jax.default_backend(),
               "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
-              "images_per_sec": images_per_sec,
-              "ms_per_step": 1000 * seconds / (calls * per_call),
+              "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / steps_timed,
               "useful_mflop_per_image": flops / 1e6,
               "useful_gflops": images_per_sec * flops / 1e9,
               "peak_memory_mb": peak_memory_mb(),  # the step's, before IWAE and epochs
-              "page_faults_per_step": faults / (calls * per_call)}
-    if jax.default_backend() == "cpu" and config.train.cpu_conv3x3 == "fvae" \
+              "page_faults_per_step": faults / steps_timed}
+    if jax.default_backend() == "cpu" and config.runtime.cpu_conv3x3 == "fvae" \
             and not dp.partitioned_by_xla:  # (XLA's partitioner runs XLA's convs)
-        from fvae import cpu_kernels
-        result["kernel_tiles"] = cpu_kernels.tiles()  # the host's instruction set's
-    del state, images
+        result["kernel_tiles"] = cpu.tiles()  # the host's instruction set's
     if spec.get("iwae_samples"):
         result.update(time_iwae(model, config, spec))
     if spec.get("epochs"):
         result.update(time_epochs(config, spec))
     return result
+
+
+def _step_inputs(config, spec: dict[str, Any], dp, model):
+    """The compiled chunk of steps training runs, its state and inputs (random images
+    resident on the device, spec['seeds'] seeds stacked), and the steps per call."""
+    import jax
+    import numpy as np
+
+    from fvae import keys, losses, steps
+
+    seeds, batch, num_images = spec.get("seeds", 1), spec["batch_size"], spec["num_images"]
+    steps_per_epoch = num_images // batch
+    state = dp.replicate(steps.stack_seeds(
+        [steps.create_train_state(config, model, jax.random.key(s), 10_000)
+         for s in range(seeds)]))
+    step_fn = steps.make_train_step(model, config.loss, losses.make_beta_schedule(
+        config.loss, steps_per_epoch, 10_000))
+    chunk = steps.make_train_chunk(step_fn, batch, steps_per_epoch, dp, seeds)
+    images = dp.replicate(np.random.default_rng(0).integers(0, 256, (num_images, 28, 28),
+                                                            dtype=np.uint8))
+    perm = dp.replicate(steps.stack_seeds(
+        [keys.epoch_permutation(jax.random.key(100 + s), 0, num_images) for s in range(seeds)]))
+    key = dp.replicate(steps.stack_seeds([jax.random.key(200 + s) for s in range(seeds)]))
+    per_call = spec["steps_per_dispatch"] or steps.default_steps_per_dispatch(steps_per_epoch)
+    return chunk, state, (images, perm, key), per_call
+
+
+def _time_chunk(chunk, state, inputs, per_call: int, num_steps: int):
+    """(seconds, calls, compile seconds, minor page faults) of timed calls of the chunk,
+    after one compiling call and two warm-up calls."""
+    import jax
+
+    t = time.perf_counter()
+    state, _ = chunk(state, *inputs, num_steps=per_call)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - t
+    for _ in range(2):  # warm-up
+        state, _ = chunk(state, *inputs, num_steps=per_call)
+    jax.block_until_ready(state)
+    calls = max(1, num_steps // per_call)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = time.perf_counter()
+    for _ in range(calls):
+        state, _ = chunk(state, *inputs, num_steps=per_call)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t
+    return seconds, calls, compile_s, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def time_iwae(model, config, spec: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +224,7 @@ def time_iwae(model, config, spec: dict[str, Any]) -> dict[str, Any]:
     params = models.init_params(model, jax.random.key(0))
     images = np.random.default_rng(1).integers(0, 256, (spec["iwae_images"], 28, 28, 1),
                                                dtype=np.uint8)
-    devices = parallel.local_devices(config.train.num_devices)
+    devices = parallel.local_devices(config.runtime.num_devices)
     bounds = lambda: evaluate.likelihood_bounds(  # noqa: E731
         model, params, config.loss, images, jax.random.key(2), spec["iwae_samples"],
         devices=devices)
@@ -251,8 +265,8 @@ def time_epochs(config, spec: dict[str, Any]) -> dict[str, Any]:
         config = config.copy_and_resolve_references()
         config.data.dir, config.data.download = str(tmp), False
         config.data.verify_checksums = False  # random images, not the published files
-        config.train.num_epochs, config.train.progress_bar = EPOCHS_RUN, False
-        config.train.num_figure_images, config.train.tensorboard = 0, False
+        config.train.num_epochs, config.report.progress_bar = EPOCHS_RUN, False
+        config.report.num_figure_images, config.report.tensorboard = 0, False
         runs = []
         for seed in range(spec.get("seeds", 1)):
             runs.append(config.copy_and_resolve_references())
@@ -271,11 +285,11 @@ def time_epochs(config, spec: dict[str, Any]) -> dict[str, Any]:
 def run_child(spec: dict[str, Any], module: str = "fvae.bench") -> dict[str, Any]:
     """Runs one spec in a fresh process: with huge pages or not as the spec says (as
     launch.py would restart itself), references in this process's environment."""
-    from fvae import runtime
+    from fvae import cpu
     cmd = [sys.executable, "-m", module, "--child", json.dumps(spec)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     if spec.get("huge_pages") is not None:
-        env = runtime.with_huge_pages(env, spec["huge_pages"])
+        env = cpu.with_huge_pages(env, spec["huge_pages"])
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
     if result.returncode or not lines:
@@ -283,9 +297,9 @@ def run_child(spec: dict[str, Any], module: str = "fvae.bench") -> dict[str, Any
     return json.loads(lines[-1])
 
 
-REFERENCE_MODULES = {"keras": "benchmarks.keras_reference",
-                     "torch": "benchmarks.torch_reference",
-                     "torch_compile": "benchmarks.torch_reference"}
+REFERENCE_MODULES = {"keras": "fvae.bench.keras_reference",
+                     "torch": "fvae.bench.torch_reference",
+                     "torch_compile": "fvae.bench.torch_reference"}
 
 
 def reference_spec(framework: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -366,16 +380,16 @@ def main(argv=None) -> None:
                         help="XLA:CPU convolution kernels: eigen, xla_default (fvae.runtime)")
     parser.add_argument("--cpu-conv3x3", default="fvae",
                         help="3x3 convolutions and transposed convolutions on CPU: fvae, xla "
-                             "(fvae.cpu_kernels)")
+                             "(fvae.cpu)")
     parser.add_argument("--huge-pages", default="true",
-                        help="true, false: train.huge_pages, glibc's malloc asking for "
+                        help="true, false: runtime.huge_pages, glibc's malloc asking for "
                              "transparent huge pages (fvae.runtime)")
     parser.add_argument("--seeds", default="1",
                         help="runs trained together as one vmapped step (images/s counts all)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--steps-per-dispatch", type=int, default=0,
                         help="training steps per compiled call; 0: as training does (one on "
-                             "CPU, an epoch elsewhere: train.steps_per_dispatch)")
+                             "CPU, an epoch elsewhere: runtime.steps_per_dispatch)")
     parser.add_argument("--num-images", type=int, default=60_000)
     parser.add_argument("--iwae-samples", type=int, default=0,
                         help="also time the IWAE bound of evaluation with K draws per image "
@@ -387,8 +401,8 @@ def main(argv=None) -> None:
                              "--test-images each epoch; reports the last epoch's seconds")
     parser.add_argument("--test-images", type=int, default=10_000)
     parser.add_argument("--reference", default="",
-                        help="comma-separated: keras, torch, torch_compile (run from the "
-                             "repository root; needs tensorflow / torch installed)")
+                        help="comma-separated: keras, torch, torch_compile (needs tensorflow "
+                             "/ torch installed)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every configuration this many times, round-robin, and "
                              "report the median: on a shared machine, load that comes and "
@@ -403,7 +417,7 @@ def main(argv=None) -> None:
         return
 
     result = subprocess.run(
-        [sys.executable, "-c", "import json; from fvae.bench import matmul_peak_gflops as p; "
+        [sys.executable, "-c", "import json; from fvae.bench.training import matmul_peak_gflops as p; "
          "print(json.dumps(p()))"], capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"measuring the matmul peak failed:\n{result.stderr[-2000:]}")

@@ -1,1 +1,0 @@
-"""Reference implementations of the study's model for `python -m fvae.bench --reference`."""
