@@ -7,9 +7,9 @@ Keys and data order are functions of the step (fvae.keys), so a run resumed from
 checkpoint continues bit for bit.
 
 Seeds that differ only in `seed` can train together as one vmapped computation
-(`train_seeds`): the loop always holds its arrays with a leading seed axis, and a
-single run is the case of one seed. Each seed keeps its own workdir, checkpoints and
-log, exactly as if it had trained alone.
+(`train_seeds`): the same loop, with the seeds' arrays stacked on a leading axis
+(`Program.seeds` says how they are held; one seed's are held as they are). Each seed
+keeps its own workdir, checkpoints and log, exactly as if it had trained alone.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from flax import serialization
 
 from fvae import checkpoint, configs, cpu, data, evaluate, losses, models, parallel, plots
 from fvae.keys import RunKeys, epoch_permutation
-from fvae.steps import (Metrics, TrainState, all_finite, create_train_state,
+from fvae.steps import (Metrics, Seeds, TrainState, all_finite, create_train_state,
                         default_steps_per_dispatch, evaluate_losses, make_eval_step,
-                        make_train_chunk, make_train_step, seed_slice, stack_seeds,
-                        state_tree, zero_metrics)
+                        make_train_chunk, make_train_step, state_tree, zero_metrics)
 from fvae.writer import MetricsWriter
 
 
@@ -110,6 +109,7 @@ class Program:
     train_chunk: Callable
     eval_step: Callable
     per_dispatch: int  # steps per compiled call
+    seeds: Seeds  # how the seeds' arrays are held (stacked if several)
 
 
 @dataclasses.dataclass
@@ -216,7 +216,8 @@ def build_program(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
                          num_seeds),
         make_eval_step(model, config.loss),
         config.runtime.steps_per_dispatch or default_steps_per_dispatch(
-            schedule.steps_per_epoch))
+            schedule.steps_per_epoch),
+        Seeds(num_seeds))
 
 
 def _train_together(run_configs, workdirs, dp: parallel.DataParallel) -> list[TrainState]:
@@ -238,7 +239,7 @@ def _train_together(run_configs, workdirs, dp: parallel.DataParallel) -> list[Tr
                      program.schedule.total_steps, program.schedule.num_epochs,
                      program.schedule.steps_per_epoch, ", ".join(str(r.workdir) for r in runs))
         _loop(runs, program, progress)
-        finals = [seed_slice(progress.state, i) for i in range(len(runs))]
+        finals = [program.seeds.slice(progress.state, i) for i in range(len(runs))]
         for run, final in zip(runs, finals):
             if jax.process_index() == 0 and run.config.report.num_figure_images:
                 save_figures(program, run, parallel.host_local(final.params), progress.step)
@@ -274,8 +275,8 @@ def _restore(runs: list[Run], program: Program) -> Progress:
         steps.append(step)
     if len(set(steps)) > 1:
         raise SeedsOutOfStep(f"steps {steps}")
-    dp = program.dp
-    return Progress(dp.replicate(stack_seeds(states)), dp.replicate(stack_seeds(sums)),
+    dp, seeds = program.dp, program.seeds
+    return Progress(dp.replicate(seeds.stack(states)), dp.replicate(seeds.stack(sums)),
                     steps[0])
 
 
@@ -296,9 +297,9 @@ def _open_logs(runs: list[Run], schedule: Schedule, step: int) -> None:
 
 # ---------------------------------------------------------------- the loop
 def _loop(runs: list[Run], program: Program, progress: Progress) -> None:
-    config, schedule, dp = program.config, program.schedule, program.dp
+    config, schedule, dp, seeds = program.config, program.schedule, program.dp, program.seeds
     images = dp.replicate(program.dataset.train_images)
-    train_key = dp.replicate(stack_seeds([run.keys.train for run in runs]))
+    train_key = dp.replicate(seeds.stack([run.keys.train for run in runs]))
     perm_epoch, perm = None, None
     progress.start_time = time.time()
     progress.restart_timer()
@@ -308,7 +309,7 @@ def _loop(runs: list[Run], program: Program, progress: Progress) -> None:
             # ---- one compiled chunk of steps
             epoch, epoch_start, epoch_end = schedule.epoch_bounds(progress.step)
             if perm_epoch != epoch:
-                perm_epoch, perm = epoch, dp.replicate(stack_seeds(
+                perm_epoch, perm = epoch, dp.replicate(seeds.stack(
                     [epoch_permutation(run.keys.data, epoch, len(images)) for run in runs]))
             previous = progress.step
             n = chunk_length(previous, epoch_start, epoch_end, program.per_dispatch)
@@ -323,13 +324,13 @@ def _loop(runs: list[Run], program: Program, progress: Progress) -> None:
             if save_now or step == epoch_end or stop.signum is not None or \
                     step // config.report.log_every_steps > \
                     previous // config.report.log_every_steps:
-                _check_and_show(runs, progress, step - epoch_start, bar, epoch)
+                _check_and_show(runs, program, progress, step - epoch_start, bar, epoch)
             if step == epoch_end:
                 _end_epoch(runs, program, progress, epoch, bar)
             # A stop request (possibly arriving during the epoch's evaluation) always
             # saves, so the message below never promises a checkpoint that is not there.
             if save_now or (config.checkpoint.enabled and stop.signum is not None):
-                _save(runs, progress)
+                _save(runs, program, progress)
             if stop.signum is not None:
                 for run in runs:
                     run.ckpt and run.ckpt.wait()
@@ -361,10 +362,10 @@ def mean_metrics(sums: Metrics, num_steps: int) -> dict[str, float]:
     return {**means, "skipped": int(skipped)}
 
 
-def _check_and_show(runs: list[Run], progress: Progress, steps_summed: int, bar,
-                    epoch: int) -> None:
+def _check_and_show(runs: list[Run], program: Program, progress: Progress,
+                    steps_summed: int, bar, epoch: int) -> None:
     """Stops on a non-finite running mean; shows the mean loss on the progress bar."""
-    running = [mean_metrics(seed_slice(progress.sums, i), steps_summed)
+    running = [mean_metrics(program.seeds.slice(progress.sums, i), steps_summed)
                for i in range(len(runs))]
     for run, metrics in zip(runs, running):
         if metrics["skipped"] < steps_summed:  # (all skipped: no means)
@@ -381,11 +382,11 @@ def _end_epoch(runs: list[Run], program: Program, progress: Progress, epoch: int
     images_per_sec = progress.images_per_sec(program.config.train.batch_size)
     steps_summed = progress.step - epoch * program.schedule.steps_per_epoch
     for i, run in enumerate(runs):
-        _log_epoch(run, program, seed_slice(progress.state, i),
-                   mean_metrics(seed_slice(progress.sums, i), steps_summed),
+        _log_epoch(run, program, program.seeds.slice(progress.state, i),
+                   mean_metrics(program.seeds.slice(progress.sums, i), steps_summed),
                    progress, epoch, images_per_sec, bar)
     if steps_summed == program.schedule.steps_per_epoch:
-        progress.sums = program.dp.replicate(stack_seeds([zero_metrics() for _ in runs]))
+        progress.sums = program.dp.replicate(program.seeds.stack([zero_metrics() for _ in runs]))
     progress.restart_timer()
 
 
@@ -417,9 +418,9 @@ def _log_epoch(run: Run, program: Program, state: TrainState, train_metrics: dic
               f"step {step}, {images_per_sec:.0f} img/s")
 
 
-def _save(runs: list[Run], progress: Progress) -> None:
+def _save(runs: list[Run], program: Program, progress: Progress) -> None:
     """Each seed's latest checkpoint; never one of non-finite parameters."""
-    seeds = [seed_slice((progress.state, progress.sums), i) for i in range(len(runs))]
+    seeds = [program.seeds.slice((progress.state, progress.sums), i) for i in range(len(runs))]
     for run, (state, _) in zip(runs, seeds):
         check_finite({}, progress.step, state.params,
                      seed=run.config.seed if run.label else None)

@@ -175,7 +175,8 @@ def _step_inputs(config, spec: dict[str, Any], dp, model):
 
     seeds, batch, num_images = spec.get("seeds", 1), spec["batch_size"], spec["num_images"]
     steps_per_epoch = num_images // batch
-    state = dp.replicate(steps.stack_seeds(
+    held = steps.Seeds(seeds)  # as train holds them: stacked if several
+    state = dp.replicate(held.stack(
         [steps.create_train_state(config, model, jax.random.key(s), 10_000)
          for s in range(seeds)]))
     step_fn = steps.make_train_step(model, config.loss, losses.make_beta_schedule(
@@ -183,9 +184,9 @@ def _step_inputs(config, spec: dict[str, Any], dp, model):
     chunk = steps.make_train_chunk(step_fn, batch, steps_per_epoch, dp, seeds)
     images = dp.replicate(np.random.default_rng(0).integers(0, 256, (num_images, 28, 28),
                                                             dtype=np.uint8))
-    perm = dp.replicate(steps.stack_seeds(
+    perm = dp.replicate(held.stack(
         [keys.epoch_permutation(jax.random.key(100 + s), 0, num_images) for s in range(seeds)]))
-    key = dp.replicate(steps.stack_seeds([jax.random.key(200 + s) for s in range(seeds)]))
+    key = dp.replicate(held.stack([jax.random.key(200 + s) for s in range(seeds)]))
     per_call = spec["steps_per_dispatch"] or steps.default_steps_per_dispatch(steps_per_epoch)
     return chunk, state, (images, perm, key), per_call
 
