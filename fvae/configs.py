@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import os
 
 import ml_collections
@@ -26,7 +27,7 @@ LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
 DATA_SOURCES = ("idx", "tfds")
 BINARIZE_MODES = ("none", "dynamic")
 CROSS_DEVICE_REDUCES = ("auto", "host", "xla")  # see fvae.parallel
-CPU_CONVOLUTIONS = ("eigen", "xla_default")  # see fvae.runtime
+CPU_CONVOLUTIONS = ("eigen", "xla_default")  # see fvae/cpu/process.py
 CPU_CONV3X3 = ("fvae", "xla")  # see fvae/cpu/__init__.py
 
 
@@ -179,6 +180,9 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
 
     def fill(target: ml_collections.ConfigDict, source: dict, prefix: str) -> None:
         for key, value in source.items():
+            if f"{prefix}{key}" in MOVED_KEYS:  # saved by an earlier fvae: where it is now
+                set_key(config, MOVED_KEYS[f"{prefix}{key}"], value)
+                continue
             if key not in target:
                 raise ConfigError(f"saved config key {prefix}{key} is unknown to this "
                                   "version of fvae; was the run made by a newer one?")
@@ -280,8 +284,8 @@ def check_keys(keys) -> None:
 def check_override_flags(argv: list[str], flag: str = "config") -> None:
     """Raises ConfigError for a `--config.KEY=...` override of a key the base config
     lacks, before the flags are parsed (ml_collections would raise a bare traceback)."""
-    prefix = f"--{flag}."
-    check_keys(arg[len(prefix):].split("=", 1)[0] for arg in argv if arg.startswith(prefix))
+    override = re.compile(rf"^--?(?:no)?{flag}\.([^=]+)")
+    check_keys(m.group(1) for m in map(override.match, argv) if m)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

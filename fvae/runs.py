@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from fvae import checkpoint, configs, cpu, data, evaluate, models, plots
+from fvae import checkpoint, configs, cpu, data, evaluate, models
 from fvae.keys import RunKeys
 from fvae.steps import abstract_state_tree
 from fvae.writer import jsonable, read_metrics
@@ -86,6 +86,7 @@ def write_run_figures(workdir: str | os.PathLike, which: str | int = "best",
     """All figures of a trained run into workdir/figures/, from its checkpoint `which`
     ('best', 'latest' or a step) and its config; `data_dir` overrides config.data.dir
     when the data has moved. Loss curves are drawn when metrics.jsonl has epochs."""
+    from fvae import plots  # here: importing fvae.runs must not set matplotlib's backend
     workdir = pathlib.Path(workdir)
     config, model, params, _ = load_checkpoint(workdir, which)
     if data_dir is not None:

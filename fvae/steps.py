@@ -1,9 +1,9 @@
 """The train state and the pure, jitted steps: train_step(state, batch, key) -> (state,
 metrics), the per-image evaluation step, and the compiled chunk of steps the loop runs.
 
-Every array the loop holds has a leading seed axis: one seed is the usual case (its
-compiled chunk drops the axis and is the plain step), several seeds that differ only
-in `seed` step together as one vmapped computation (fvae.train.train_seeds). The
+One seed is the usual case and runs the plain step; several seeds that differ only in
+`seed` step together as one vmapped computation over a leading seed axis
+(fvae.train.train_seeds; `Seeds` says how the loop holds their arrays). The
 training set stays on the device and is passed to the chunk as an argument; each
 step gathers its batch from the epoch's permutation (fvae.keys).
 """

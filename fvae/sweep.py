@@ -108,7 +108,9 @@ def point_config(sweep: ml_collections.ConfigDict, point: Point, seed: int
                                   "an experiment file, relative to where the sweep is run "
                                   "(the repository root for experiments/...).")
     config = configs.load_config_file(sweep.base)
-    for key, value in {**configs.flatten(sweep.overrides), **point.overrides}.items():
+    overrides = {**configs.flatten(sweep.overrides), **point.overrides}
+    configs.check_keys(overrides)  # a typo or a moved key, named before any work
+    for key, value in overrides.items():
         configs.set_key(config, key, value)
     config.seed = int(seed)
     config.name = f"{pathlib.Path(sweep.base).stem}[{point.name}]"

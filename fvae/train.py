@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from fvae import checkpoint, configs, cpu, data, evaluate, losses, models, parallel, plots
+from fvae import checkpoint, configs, cpu, data, evaluate, losses, models, parallel
 from fvae.keys import RunKeys, epoch_permutation
 from fvae.steps import (Metrics, Seeds, TrainState, all_finite, create_train_state,
                         default_steps_per_dispatch, evaluate_losses, make_eval_step,
@@ -511,6 +511,7 @@ def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
 def save_figures(program: Program, run: Run, params, step: int) -> None:
     """Every per-run figure (fvae.plots) of the final parameters, the reconstructions and
     samples also as TensorBoard images."""
+    from fvae import plots  # here: importing fvae.train must not set matplotlib's backend
     config, figures = run.config, run.workdir / "figures"
     plots.write_figures(program.model, params, config, program.dataset, figures,
                         run.keys.figures, num_images=config.report.num_figure_images,

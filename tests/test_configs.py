@@ -54,6 +54,8 @@ def test_a_moved_key_names_where_it_went():
     with pytest.raises(configs.ConfigError, match="train.progress_bar is now report.progress_bar"):
         configs.check_override_flags(["launch.py", "--config", "x.py",
                                       "--config.train.progress_bar=False"])
+    with pytest.raises(configs.ConfigError, match="train.tensorboard is now report"):
+        configs.check_override_flags(["launch.py", "--noconfig.train.tensorboard"])
     configs.check_override_flags(["launch.py", "--config.report.progress_bar", "False",
                                   "--config.model.encoder_widths=(8,16,16)"])
     assert set(configs.MOVED_KEYS.values()) <= set(configs.flatten(configs.get_base_config()))
@@ -105,3 +107,16 @@ def test_saved_configs_gain_new_keys_at_their_defaults():
     saved["model"]["flavour"] = "new"
     with pytest.raises(configs.ConfigError, match="model.flavour"):
         configs.from_dict(saved)
+
+
+def test_a_config_saved_by_an_earlier_fvae_reads_with_its_keys_moved():
+    """config.json of a run from before the runtime and report blocks (fvae.compare
+    reads old workdirs)."""
+    import json
+    saved = json.loads(configs.get_base_config().to_json())
+    del saved["runtime"], saved["report"]
+    saved["train"].update(cpu_devices=2, progress_bar=False, eval_batch_size=500)
+    config = configs.from_dict(saved)
+    assert (config.runtime.cpu_devices, config.report.progress_bar,
+            config.runtime.eval_batch_size) == (2, False, 500)
+    configs.validate(config)

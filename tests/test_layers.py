@@ -4,6 +4,8 @@ and no function is longer than a screen and a bit."""
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -149,3 +151,14 @@ def test_no_function_is_longer_than_80_lines():
 def test_every_named_unit_exists(name):
     """A layer lists only modules that exist (a rename shows up here)."""
     assert any(unit(module) == name for module in GRAPH), name
+
+
+def test_importing_the_library_sets_no_matplotlib_backend():
+    """A notebook's inline figures keep working after `from fvae import runs, train`:
+    only drawing a figure imports matplotlib's pyplot (and sets the Agg backend)."""
+    code = ("import sys; import fvae.train, fvae.runs, fvae.evaluate, fvae.steps; "
+            "print('matplotlib.pyplot' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"

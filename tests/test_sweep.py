@@ -36,6 +36,10 @@ def test_grid_maps_axis_values_to_config_overrides(tmp_path, tiny_data_dir):
     s.axes.colour = ("red",)
     with pytest.raises(configs.ConfigError, match="colour"):
         sweep.grid(s)
+    del s.axes.colour
+    s.overrides.train = {"num_epochs": 2, "eval_batch_size": 500}  # an earlier fvae's key
+    with pytest.raises(configs.ConfigError, match="train.eval_batch_size is now runtime"):
+        sweep.point_config(s, points[0], seed=1)
 
 
 def test_quick_sweep_runs_resumes_and_tabulates(tmp_path, tiny_data_dir, monkeypatch):

@@ -378,13 +378,14 @@ def main(argv=None) -> None:
     parser.add_argument("--reduce", default="auto",
                         help="gradient sum across devices: auto, host, xla (fvae.parallel)")
     parser.add_argument("--cpu-convolutions", default="eigen",
-                        help="XLA:CPU convolution kernels: eigen, xla_default (fvae.runtime)")
+                        help="XLA:CPU convolution kernels: eigen, xla_default "
+                             "(fvae/cpu/process.py)")
     parser.add_argument("--cpu-conv3x3", default="fvae",
                         help="3x3 convolutions and transposed convolutions on CPU: fvae, xla "
                              "(fvae.cpu)")
     parser.add_argument("--huge-pages", default="true",
                         help="true, false: runtime.huge_pages, glibc's malloc asking for "
-                             "transparent huge pages (fvae.runtime)")
+                             "transparent huge pages (fvae/cpu/process.py)")
     parser.add_argument("--seeds", default="1",
                         help="runs trained together as one vmapped step (images/s counts all)")
     parser.add_argument("--steps", type=int, default=20)

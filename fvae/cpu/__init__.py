@@ -66,8 +66,9 @@ def _interceptor(next_fun, args, kwargs, context):
         return _res_block(module, *args)
     if isinstance(module, models.ConvTransposeReLU) and module.how == "subpixel":
         return _upsample(module, *args)
-    if isinstance(module, nn.Conv) and not isinstance(module, nn.ConvTranspose):
-        return _conv(module, next_fun, args, kwargs)
+    if isinstance(module, nn.Conv) and module.conv_general_dilated_cls is None and \
+            module.conv_general_dilated in (None, kernels.conv_general_dilated):
+        return _conv(module, next_fun, args, kwargs)  # (not one with its own conv function)
     return next_fun(*args, **kwargs)
 
 

@@ -1,5 +1,5 @@
 // 3x3 convolutions in NHWC layout (float32) for the CPU, as XLA FFI custom calls;
-// fvae.cpu_kernels compiles and registers them. With x zero outside the image:
+// fvae/cpu/kernels.py compiles and registers them. With x zero outside the image:
 //
 //   FvaeConv3x3 (stride 1, 'SAME'):
 //     y[n, h, w, o] = sum_{kh, kw, i} x[n, h + kh - 1, w + kw - 1, i] * k[kh, kw, i, o]
@@ -64,7 +64,7 @@ constexpr int kLanes = kTiles[0], kTileVectors = kTiles[1], kTilePixels = kTiles
               kTileInputs = kTiles[3];
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
-// Channel counts the kernels take come in multiples of this (fvae.cpu_kernels.LANES).
+// Channel counts the kernels take come in multiples of this (fvae/cpu/kernels.py: LANES).
 constexpr int kChannelMultiple = 16;
 static_assert(kChannelMultiple % kLanes == 0, "a block of channels is whole vectors");
 
