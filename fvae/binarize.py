@@ -2,7 +2,8 @@
 
 Training with `data.binarize='dynamic'` draws fresh binary images every step
 (`binarize` with the step's key); evaluation binarises the test set once with a fixed
-key (`binarize_fixed`) so every run is scored on the same binary images, which is
+key (`binarize_fixed`; the validation split with another) so every run is scored on
+the same binary images, which is
 the protocol of published binarised (Fashion-)MNIST likelihood tables.
 """
 
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TEST_SEED = 20160405  # the fixed key of the evaluation binarisation; never change it
+VALIDATION_SEED = TEST_SEED + 2  # the validation split's (+1 is the latent probe's)
 
 
 def binarize(key: jax.Array, images: jax.Array) -> jax.Array:

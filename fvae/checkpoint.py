@@ -2,7 +2,8 @@
 
 Layout under workdir/checkpoints/:
   latest/<step>/   the last `checkpoint.keep` checkpoints (state + meta)
-  best/<step>/     the checkpoint with the lowest test ELBO so far
+  best/<step>/     the checkpoint with the lowest validation ELBO so far (its meta
+                   records it: `validation_elbo`)
   corrupt/<step>/  checkpoints that failed to load, moved aside (never deleted)
 
 A checkpoint holds the train state as a plain tree of arrays (no pickle), the
@@ -79,7 +80,7 @@ def _manager(directory: pathlib.Path, keep: int | None, async_save: bool):
 
 
 class Checkpointer:
-    """Saves and restores one run's checkpoints (latest N and best-by-test-ELBO)."""
+    """Saves and restores one run's checkpoints (latest N and best-by-validation-ELBO)."""
 
     def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
         self.root = pathlib.Path(workdir).absolute() / "checkpoints"
@@ -106,13 +107,14 @@ class Checkpointer:
         """Saves `tree` (state and epoch sums) as the latest checkpoint at `step`."""
         self._save(self.latest, step, tree, self._meta(step))
 
-    def save_best(self, step: int, tree: dict[str, Any], test_elbo: float) -> bool:
-        """Saves `tree` as the best checkpoint if its test ELBO is the lowest so far."""
-        if not np.isfinite(test_elbo) or test_elbo >= self.best_elbo:
+    def save_best(self, step: int, tree: dict[str, Any], validation_elbo: float) -> bool:
+        """Saves `tree` as the best checkpoint if its validation ELBO is the lowest so far."""
+        if not np.isfinite(validation_elbo) or validation_elbo >= self.best_elbo:
             return False
-        if not self._save(self.best, step, tree, self._meta(step, test_elbo=test_elbo)):
+        meta = self._meta(step, validation_elbo=validation_elbo)
+        if not self._save(self.best, step, tree, meta):
             return False  # saved before a restart: the files keep that ELBO, and so do we
-        self.best_elbo = test_elbo  # only once it is really saved
+        self.best_elbo = validation_elbo  # only once it is really saved
         return True
 
     def _save(self, manager, step: int, tree, meta) -> bool:
@@ -181,7 +183,7 @@ class Checkpointer:
     def _restore_best_record(self) -> None:
         meta = self._read_meta(self.best, self.best.latest_step())
         if meta is not None:
-            self.best_elbo = float(meta.get("test_elbo", float("inf")))
+            self.best_elbo = float(meta.get("validation_elbo", float("inf")))
 
     def _set_aside_stale_best(self) -> None:
         """A fresh start must not inherit another run's best checkpoint."""
@@ -193,7 +195,7 @@ class Checkpointer:
     def set_aside_best_between(self, after: int, upto: int) -> None:
         """Moves best checkpoints of steps in (after, upto] to checkpoints/previous_best
         and forgets their ELBO: a run resumed at `upto` that rewrites its log from
-        `after` (see train.Schedule.log_resume_step) drops their test lines. (A best
+        `after` (see train.Schedule.log_resume_step) drops their validation lines. (A best
         step past `upto` is one the resumed run recomputes: save_best keeps it.)"""
         later = [s for s in self.best.all_steps() if after < s <= upto]
         for best_step in later:

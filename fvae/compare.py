@@ -1,12 +1,13 @@
-"""Compare runs: their test curves overlaid, and a table of each run's final metrics.
+"""Compare runs: their validation curves overlaid, and a table of each run's final metrics.
 
     python -m fvae.compare runs/a runs/b ... --out comparison.png
 
-writes comparison.png (test loss, recon, KL and -ELBO per epoch) and, next to it,
-comparison.md and comparison.csv, and prints the Markdown table. A run's final
-metrics come from its eval.json when there is one (the evaluation of a finished run),
-else from the last test line of its metrics.jsonl, so runs still in progress can be
-compared too; the `source` column says which.
+writes comparison.png (validation loss, recon, KL and -ELBO per epoch) and, next to
+it, comparison.md and comparison.csv, and prints the Markdown table. A run's final
+metrics come from its eval.json when there is one (the test set, for the checkpoint
+selected on validation), else from the last validation line of its metrics.jsonl, so
+runs still in progress can be compared too; the `source` column says which. Runs of
+an earlier fvae, whose checkpoints were selected on the test set, are marked so.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.figure  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from fvae import provenance  # noqa: E402
 from fvae.writer import read_metrics, series  # noqa: E402
 
-CURVES = (("loss", "test loss (recon + β·KL)"), ("recon", "test recon"),
-          ("kl", "test KL (nats)"), ("elbo", "test −ELBO at β = 1 (nats)"))
-FINAL_KEYS = ("loss", "recon", "kl", "elbo")  # taken from the last test line
+CURVES = (("loss", "loss (recon + β·KL)"), ("recon", "recon"),
+          ("kl", "KL (nats)"), ("elbo", "−ELBO at β = 1 (nats)"))
+FINAL_KEYS = ("loss", "recon", "kl", "elbo")  # taken from the last validation line
 SETTING_COLUMNS = ("run", "likelihood", "beta", "latent_dim", "epochs", "source")
 
 
@@ -49,8 +51,20 @@ class Run:
     evaluation: dict[str, Any] | None  # eval.json, if the run has been evaluated
 
     @property
-    def test_records(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("split") == "test"]
+    def old_rule(self) -> bool:
+        """Trained before validation selection: its epoch lines (and best checkpoint)
+        are of the test set. Such runs are marked wherever they are shown."""
+        return not any(r.get("split") == "validation" for r in self.records) and \
+            any(r.get("split") == "test" for r in self.records)
+
+    @property
+    def epoch_split(self) -> str:
+        return "test" if self.old_rule else "validation"
+
+    @property
+    def epoch_records(self) -> list[dict[str, Any]]:
+        """The per-epoch evaluation lines: validation (test for an old-rule run)."""
+        return [r for r in self.records if r.get("split") == self.epoch_split]
 
 
 def read_run(workdir: str | os.PathLike) -> Run:
@@ -98,7 +112,7 @@ def settings(run: Run) -> dict[str, Any]:
 
 def progress(run: Run) -> str:
     """'done/planned' epochs, e.g. '3/10' for a run in progress ('?' if unknown)."""
-    tests = run.test_records
+    tests = run.epoch_records
     done = tests[-1]["epoch"] if tests else 0
     train = run.config.get("train", {})
     planned: Any = train.get("num_epochs", "?")
@@ -111,17 +125,20 @@ def progress(run: Run) -> str:
 
 
 def final_metrics(run: Run) -> tuple[dict[str, Any], str]:
-    """(metrics, source): eval.json's scalars if present (lists such as kl_per_dim do
-    not fit a table cell), else the last test line."""
+    """(metrics, source): eval.json's scalars (the test set) if present (lists such as
+    kl_per_dim do not fit a table cell), else the last validation line. A run whose
+    checkpoint was selected on the test set (an earlier fvae) says so in `source`."""
+    old = " (old rule: selected on test)" if run.old_rule or (
+        run.evaluation is not None and "selection" not in run.evaluation) else ""
     if run.evaluation is not None:
         return ({k: v for k, v in run.evaluation.items()
-                 if not isinstance(v, (list, dict))}, "eval.json")
-    tests = run.test_records
-    if not tests:
+                 if not isinstance(v, (list, dict))}, "eval.json" + old)
+    lines = run.epoch_records
+    if not lines:
         return {}, "no epoch yet"
-    last = tests[-1]
+    last = lines[-1]
     return ({k: float(last[k]) for k in FINAL_KEYS if k in last},
-            f"metrics.jsonl epoch {last['epoch']}")
+            f"metrics.jsonl epoch {last['epoch']} ({run.epoch_split}){old}")
 
 
 def labels(runs: Sequence[Run]) -> list[str]:
@@ -173,13 +190,15 @@ def write_csv(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
 
 
 def curves_figure(runs: Sequence[Run]) -> matplotlib.figure.Figure:
-    """2x2 panels of test loss, recon, KL and -ELBO per epoch, one line per run."""
+    """2x2 panels of validation loss, recon, KL and -ELBO per epoch, one line per run
+    (an old-rule run's test lines, marked as such)."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for run, label in zip(runs, labels(runs)):
         s = settings(run)
-        name = f"{label}: {s['likelihood']}, β={s['beta']}, latent {s['latent_dim']}"
+        name = f"{label}: {s['likelihood']}, β={s['beta']}, latent {s['latent_dim']}" + (
+            " (old rule: test split)" if run.old_rule else "")
         for ax, (key, _) in zip(axes.flat, CURVES):
-            epochs, values = series(run.records, "test", key)
+            epochs, values = series(run.records, run.epoch_split, key)
             ax.plot(epochs, values, marker="o" if len(epochs) < 20 else None,
                     markersize=3, label=name)
     for ax, (_, title) in zip(axes.flat, CURVES):
@@ -189,7 +208,7 @@ def curves_figure(runs: Sequence[Run]) -> matplotlib.figure.Figure:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.suptitle(f"Comparison of {len(runs)} run{'s' * (len(runs) > 1)} (test split)")
+    fig.suptitle(f"Comparison of {len(runs)} run{'s' * (len(runs) > 1)} (validation split)")
     fig.tight_layout()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=1 if len(runs) < 3 else 2, frameon=False)
@@ -205,6 +224,14 @@ def plot_curves(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def provenance_differences(runs: Sequence[Run]) -> list[str]:
+    """Where the runs' code commits or library versions differ (the last session of
+    each run's provenance.json; runs without one are left out)."""
+    latest = {label: sessions[-1] for run, label in zip(runs, labels(runs))
+              if (sessions := provenance.read(run.workdir))}
+    return provenance.differences(latest) if len(latest) > 1 else []
+
+
 def compare(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike
             ) -> list[dict[str, Any]]:
     """Writes `out` (curves) and out's .md and .csv siblings (final metrics); returns
@@ -216,6 +243,9 @@ def compare(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike
         raise ValueError(f"--out {out} should be the figure's path, e.g. comparison.png; "
                          "the .md and .csv tables are written next to it.")
     runs = [read_run(w) for w in workdirs]
+    for difference in provenance_differences(runs):
+        print(f"warning: the runs were made by different code or libraries: {difference}",
+              file=sys.stderr)
     plot_curves(runs, out)
     rows = table_rows(runs)
     out.with_suffix(".md").write_text(markdown_table(rows))

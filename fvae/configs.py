@@ -70,7 +70,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.dir = config_dict.placeholder(str)  # None: $FVAE_DATA_DIR or ~/.cache/fvae
     c.data.download = True  # fetch missing files from the official source
     c.data.verify_checksums = True  # check the published md5 of each file
-    c.data.limit_train = 0  # >0: use only the first N training images
+    # Training images held out to select the best checkpoint (never trained on): a fixed
+    # split (data.VALIDATION_SEED), the same for every run of the same size, taken
+    # before data.limit_train applies to the rest.
+    c.data.validation_size = 5000
+    c.data.limit_train = 0  # >0: use only the first N remaining training images
     c.data.limit_test = 0  # >0: use only the first N test images
     # 'dynamic': train on fresh Bernoulli(pixel/255) draws every step and evaluate on
     # one fixed binarisation of the test set (fvae.binarize), as published tables do.
@@ -131,6 +135,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.report.num_figure_images = 16  # per figure, at the end of training; 0: no figures
     # (`launch.py --mode plot` draws them from the checkpoint later)
     c.report.tensorboard = True  # also write workdir/tensorboard/ event files
+    c.report.epoch_test_metrics = False  # also log test-set lines each epoch (they never
+    # select anything; `launch.py --mode eval` reports the test set once, at the end)
     c.report.epoch_metrics_images = 1000  # test images for per-epoch SSIM etc.; 0: off
 
     # How to compute, not what: the machine settings. Every key here may change when a
@@ -300,6 +306,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def _validate_data_and_model(config: ml_collections.ConfigDict) -> None:
     """The data and model blocks."""
     _check_in(config, "data.source", DATA_SOURCES)
+    _check_min(config, "data.validation_size", 1, integer=True)
     _check_min(config, "data.limit_train", 0, integer=True)
     _check_min(config, "data.limit_test", 0, integer=True)
     _check_in(config, "data.binarize", BINARIZE_MODES)

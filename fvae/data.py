@@ -42,13 +42,22 @@ class DataError(RuntimeError):
     """The data is missing, corrupt or unreachable; the message says what to do."""
 
 
+# The seed of the validation split (data.validation_size images of the training set).
+VALIDATION_SEED = 20170825  # Fashion-MNIST's release date
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Images as uint8 [N, 28, 28] and labels as uint8 [N], for both splits."""
+    """Images as uint8 [N, 28, 28] and labels as uint8 [N]: the training images, those
+    held out of them for validation (empty as a loader returns them), and the test set."""
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    validation_images: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros((0, 28, 28), np.uint8))
+    validation_labels: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros((0,), np.uint8))
 
 
 def default_data_dir() -> pathlib.Path:
@@ -245,15 +254,29 @@ def load_tfds(data_dir: str | os.PathLike | None = None, **kwargs) -> Dataset:
     return dataset
 
 
+def validation_split(num_train: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices), each in the files' order: `size` of
+    `num_train` images drawn with VALIDATION_SEED, the same for every run (and a
+    smaller size's images are a subset of a larger one's)."""
+    if not 0 < size < num_train:
+        raise DataError(f"data.validation_size={size} must leave training images of the "
+                        f"{num_train} there are: set it between 1 and {num_train - 1}.")
+    order = np.random.default_rng(VALIDATION_SEED).permutation(num_train)
+    return np.sort(order[size:]), np.sort(order[:size])
+
+
 def load(config) -> Dataset:
-    """Loads the dataset the config's `data` block describes, limits applied."""
+    """Loads the dataset the config's `data` block describes: the validation images
+    held out of the training set first, then the limits applied."""
     loader = load_tfds if config.data.source == "tfds" else load_fashion_mnist
     ds = loader(config.data.dir, allow_download=config.data.download,
                 verify_checksums=config.data.verify_checksums)
-    n_train = config.data.limit_train or len(ds.train_images)
+    train, held_out = validation_split(len(ds.train_images), config.data.validation_size)
+    train = train[:config.data.limit_train or len(train)]
     n_test = config.data.limit_test or len(ds.test_images)
-    return Dataset(ds.train_images[:n_train], ds.train_labels[:n_train],
-                   ds.test_images[:n_test], ds.test_labels[:n_test])
+    return Dataset(ds.train_images[train], ds.train_labels[train],
+                   ds.test_images[:n_test], ds.test_labels[:n_test],
+                   ds.train_images[held_out], ds.train_labels[held_out])
 
 
 def write_files(directory: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:

@@ -37,10 +37,8 @@ whose pixels are exactly the means the binary data are drawn from.
 from __future__ import annotations
 
 import functools
-import json
+import logging
 import math
-import os
-import pathlib
 import time
 from typing import Sequence
 
@@ -236,13 +234,32 @@ def iwae_bound(log_w: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(log_w, axis=0) - jnp.log(log_w.shape[0])
 
 
+def k_ladder(num_samples: int) -> tuple[int, ...]:
+    """The numbers of draws the bound is also reported at: 1, 10, 100, ... and K."""
+    ks, k = [], 1
+    while k < num_samples:
+        ks.append(k)
+        k *= 10
+    return (*ks, num_samples)
+
+
+def effective_sample_size(log_w: jax.Array) -> jax.Array:
+    """(sum w)^2 / sum w^2 of the importance weights over axis 0, per image: from 1
+    (one draw carries all the weight) to K (all weigh the same)."""
+    return jnp.exp(2 * jax.nn.logsumexp(log_w, axis=0) - jax.nn.logsumexp(2 * log_w, axis=0))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "loss_config", "num_samples", "chunk"))
 def _bounds(model, loss_config, params, images, image_ids, key, num_samples: int,
             chunk: int, log_sigma=None):
-    """Per image: the IWAE bound on log p(x) and the mean of -log p(x|z) over the draws."""
+    """Per image, from one set of K draws (decoded once): the IWAE bound on log p(x) and
+    the bound from the first k draws for each k of k_ladder(K), the mean of
+    -log p(x|z), the negative ELBO (-mean log w) and the effective sample size."""
     log_w, nll = _draws(model, loss_config, params, images, image_ids, key, num_samples,
                         chunk, log_sigma)
-    return iwae_bound(log_w), nll.mean(0)
+    by_k = jnp.stack([iwae_bound(log_w[:k]) for k in k_ladder(num_samples)], axis=-1)
+    return {"log_px": by_k[:, -1], "nll": nll.mean(0), "elbo": -log_w.mean(0),
+            "ess": effective_sample_size(log_w), "log_px_by_k": by_k}
 
 
 def likelihood_bounds(model: models.VAE, params, loss_config: ml_collections.ConfigDict,
@@ -250,7 +267,22 @@ def likelihood_bounds(model: models.VAE, params, loss_config: ml_collections.Con
                       decode_batch: int = 0, progress: bool = False, desc: str = "iwae",
                       devices: Sequence[jax.Device] = (), log_sigma: float | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(IWAE bound on log p(x), mean -log p(x|z)) per image with K = num_samples.
+    """(IWAE bound on log p(x), mean -log p(x|z)) per image with K = num_samples: the
+    first two of importance_sampled's results."""
+    out = importance_sampled(model, params, loss_config, images, key, num_samples,
+                             decode_batch, progress, desc, devices, log_sigma)
+    return out["log_px"], out["nll"]
+
+
+def importance_sampled(model: models.VAE, params, loss_config: ml_collections.ConfigDict,
+                       images: np.ndarray, key: jax.Array, num_samples: int,
+                       decode_batch: int = 0, progress: bool = False, desc: str = "iwae",
+                       devices: Sequence[jax.Device] = (), log_sigma: float | None = None
+                       ) -> dict[str, np.ndarray]:
+    """Per image, from K = num_samples posterior draws: 'log_px' (the IWAE bound),
+    'log_px_by_k' ([N, len(k_ladder(K))], the bound from the first k of the same
+    draws), 'nll' (mean -log p(x|z)), 'elbo' (the negative ELBO of the same draws) and
+    'ess' (the importance weights' effective sample size).
 
     Each compiled call takes B images and scans over chunks of S draws with
     S * B <= decode_batch decoder inputs per step (S = K split as evenly as possible;
@@ -404,6 +436,24 @@ def epoch_image_metrics(model: models.VAE, params, config: ml_collections.Config
     return {"active_units": active_units(mean), **image_metrics(originals, recons)}
 
 
+def iwae_summary(draws: dict[str, np.ndarray], num_samples: int) -> dict:
+    """eval.json's IWAE keys from importance_sampled's per-image results: the bound
+    (-log p(x), nats) with its standard error over images, the same at each k of
+    k_ladder(K), the negative ELBO of the same images and draws, the effective sample
+    size (mean, 5th percentile over images), and whether the bound has levelled off
+    (it moved by less than its standard error between the last two k)."""
+    n = len(draws["log_px"])
+    se = lambda x: float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")  # noqa
+    by_k = [{"k": k, "iwae_nll": float(-np.mean(column)), "se": se(column)}
+            for k, column in zip(k_ladder(num_samples), np.asarray(draws["log_px_by_k"]).T)]
+    moved = by_k[-2]["iwae_nll"] - by_k[-1]["iwae_nll"] if len(by_k) > 1 else 0.0
+    return {"iwae_nll": by_k[-1]["iwae_nll"], "iwae_nll_se": by_k[-1]["se"],
+            "iwae_by_k": by_k, "iwae_elbo": float(np.mean(draws["elbo"])),
+            "iwae_ess_mean": float(np.mean(draws["ess"])),
+            "iwae_ess_p5": float(np.percentile(draws["ess"], 5)),
+            "iwae_levelled_off": bool(not abs(moved) > by_k[-1]["se"])}
+
+
 def full_evaluation(model: models.VAE, params, config: ml_collections.ConfigDict,
              dataset: data.Dataset, progress: bool = True) -> dict:
     """Every metric of eval.json (see the module docstring) for one model, its batches
@@ -436,12 +486,18 @@ def full_evaluation(model: models.VAE, params, config: ml_collections.ConfigDict
 
     num_iwae = min(ec.iwae_num_images or n, n)
     start = time.time()
-    log_px, _ = likelihood_bounds(model, params, config.loss, inputs[:num_iwae],
-                                  jax.random.fold_in(key, 1), ec.iwae_samples,
-                                  ec.iwae_decode_batch, progress,
-                                  f"iwae K={ec.iwae_samples}", devices, log_sigma)
-    results.update(iwae_nll=float(-log_px.mean()), iwae_samples=ec.iwae_samples,
+    draws = importance_sampled(model, params, config.loss, inputs[:num_iwae],
+                               jax.random.fold_in(key, 1), ec.iwae_samples,
+                               ec.iwae_decode_batch, progress, f"iwae K={ec.iwae_samples}",
+                               devices, log_sigma)
+    results.update(iwae_summary(draws, ec.iwae_samples), iwae_samples=ec.iwae_samples,
                    iwae_num_images=num_iwae, iwae_seconds=time.time() - start)
+    if not results["iwae_levelled_off"]:
+        (last, prev) = results["iwae_by_k"][-1], results["iwae_by_k"][-2]
+        logging.warning("the IWAE bound still moves: %.3f nats from K=%d to K=%d, more than "
+                        "its standard error (%.3f); raise eval.iwae_samples for a tighter "
+                        "bound", prev["iwae_nll"] - last["iwae_nll"], prev["k"], last["k"],
+                        results["iwae_nll_se"])
     if config.loss.likelihood not in NATS_ONLY_LIKELIHOODS:
         results["iwae_bpd"] = results["iwae_nll"] / (losses.NUM_PIXELS * math.log(2))
 

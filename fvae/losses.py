@@ -19,7 +19,7 @@ log-scale. Each likelihood (loss.likelihood) defines -log p(x|z) and a pixel mea
                         sigma from channel 1; 'optimal' uses the maximum-likelihood
                         sigma^2 = the mean squared error of the batch at hand (all its
                         images and pixels), a constant for the gradient. So does the
-                        per-epoch test loss of metrics.jsonl (per evaluation batch);
+                        per-epoch validation loss of metrics.jsonl (per evaluation batch);
                         eval.json scores the model with one sigma fitted once on the
                         training split (fvae.evaluate.gaussian_log_sigma), so that its
                         ELBO and IWAE bound are those of one fixed model: a sigma

@@ -229,27 +229,48 @@ def kl_per_dimension(kl: np.ndarray, mean_variance: np.ndarray,
     return save_figure(fig, path)
 
 
+def iwae_vs_k(by_k: list[dict], path: str | os.PathLike, title: str = "") -> pathlib.Path:
+    """The IWAE bound (-log p(x), nats per image) against the number of draws K, from
+    one set of draws (eval.json's `iwae_by_k`), with its standard error over images:
+    whether the bound has levelled off at the K used."""
+    ks = [row["k"] for row in by_k]
+    nll = np.asarray([row["iwae_nll"] for row in by_k])
+    se = np.asarray([row["se"] for row in by_k])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.errorbar(ks, nll, yerr=se, marker="o", capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("K (importance samples per image)")
+    ax.set_ylabel("IWAE bound: -log p(x) (nats)")
+    ax.set_title(title or "IWAE bound against K")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def loss_curves(workdir: str | os.PathLike, path: str | os.PathLike,
                 title: str = "") -> pathlib.Path:
-    """Train and test loss, recon and KL per epoch from workdir/metrics.jsonl, with
-    beta on a second axis of the KL panel. Needs no checkpoint."""
+    """Train and validation loss, recon and KL per epoch from workdir/metrics.jsonl (and
+    test, where report.epoch_test_metrics logged it), with beta on a second axis of the
+    KL panel. Needs no checkpoint."""
     records = read_metrics(workdir)
-    if not any(r.get("split") in ("train", "test") for r in records):
+    if not any(r.get("split") in ("train", "validation", "test") for r in records):
         raise FileNotFoundError(f"{pathlib.Path(workdir) / 'metrics.jsonl'} is missing or has "
                                 "no epoch records yet: loss curves need at least one "
                                 "finished epoch.")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     names = {"loss": "loss (recon + β·KL)", "recon": "recon", "kl": "KL (nats)"}
     for ax, (key, label) in zip(axes, names.items()):
-        for split, style in (("train", "-"), ("test", "--")):
+        for split, style in (("train", "-"), ("validation", "--"), ("test", "-.")):
             epochs, values = series(records, split, key)
+            if not len(epochs):
+                continue
             ax.plot(epochs, values, style, marker="o" if len(epochs) < 20 else None,
                     label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{label} per image")
         ax.set_title(label)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    epochs, beta = series(records, "test", "beta")
+    epochs, beta = series(records, "validation", "beta")
     twin = axes[2].twinx()
     twin.plot(epochs, beta, ":", color="0.4", label="β (right axis)")
     twin.set_ylabel("β")

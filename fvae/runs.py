@@ -17,18 +17,23 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from fvae import checkpoint, configs, cpu, data, evaluate, models
+from fvae import checkpoint, configs, cpu, data, evaluate, models, provenance
 from fvae.keys import RunKeys
 from fvae.steps import abstract_state_tree
 from fvae.writer import jsonable, read_metrics
 
 
+SELECTION_RULE = "the epoch end of the lowest validation ELBO (data.validation_size images)"
+
+
 class LoadedRun(NamedTuple):
-    """A trained run's checkpoint, read back: what it is, its parameters, its step."""
+    """A trained run's checkpoint, read back: what it is, its parameters, its step, and
+    (for the best checkpoint) the validation ELBO that selected it."""
     config: ml_collections.ConfigDict
     model: Any
     params: Any
     step: int
+    validation_elbo: float | None = None
 
 
 def load_checkpoint(workdir: str | os.PathLike, which: str | int = "latest") -> LoadedRun:
@@ -43,9 +48,18 @@ def load_checkpoint(workdir: str | os.PathLike, which: str | int = "latest") -> 
         built.update(config=config, model=model)
         return abstract_state_tree(config, model)
 
-    _, tree, step = checkpoint.read(workdir, which, target_for)
+    meta, tree, step = checkpoint.read(workdir, which, target_for)
     params = jax.tree.map(jax.numpy.asarray, tree["train_state"]["params"])
-    return LoadedRun(built["config"], built["model"], params, step)
+    return LoadedRun(built["config"], built["model"], params, step,
+                     meta.get("validation_elbo"))
+
+
+def selection(run: LoadedRun, which: str | int) -> dict[str, Any]:
+    """How the evaluated checkpoint was chosen, for eval.json: never on the test set."""
+    chosen = which == "best"
+    return {"rule": SELECTION_RULE if chosen else f"checkpoint {which!r}, not selected",
+            "checkpoint": which, "step": run.step, "validation_elbo": run.validation_elbo,
+            "validation_size": run.config.data.validation_size}
 
 
 def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
@@ -60,7 +74,8 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
     eval block are used.
     """
     start = time.time()
-    saved, model, params, step = load_checkpoint(workdir, which)
+    run = load_checkpoint(workdir, which)
+    saved, model, params, step = run[:4]
     if config is None:
         config = saved
     else:
@@ -70,6 +85,11 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
     results["eval_seconds"] = time.time() - start
     results["eval_settings"] = configs.flatten(config.eval)  # what the numbers depend on
     results["checkpoint_step"] = step
+    results["selection"] = selection(run, which)
+    results["provenance"] = provenance.record(config)
+    from fvae import plots  # here: importing fvae.runs must not set matplotlib's backend
+    plots.iwae_vs_k(results["iwae_by_k"], pathlib.Path(workdir) / "figures" / "iwae_vs_k.png",
+                    title=f"{saved.name}: IWAE bound against K (step {step})")
     path = pathlib.Path(workdir) / "eval.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({k: [jsonable(x) for x in v] if isinstance(v, list)
@@ -88,7 +108,7 @@ def write_run_figures(workdir: str | os.PathLike, which: str | int = "best",
     when the data has moved. Loss curves are drawn when metrics.jsonl has epochs."""
     from fvae import plots  # here: importing fvae.runs must not set matplotlib's backend
     workdir = pathlib.Path(workdir)
-    config, model, params, _ = load_checkpoint(workdir, which)
+    config, model, params = load_checkpoint(workdir, which)[:3]
     if data_dir is not None:
         config.data.dir = str(data_dir)
     dataset = data.load(config)
@@ -96,7 +116,7 @@ def write_run_figures(workdir: str | os.PathLike, which: str | int = "best",
     paths = plots.write_figures(model, params, config, dataset, workdir / "figures", key,
                                 num_images=num_images, max_points=max_points,
                                 **figure_options)
-    if any(r.get("split") == "test" for r in read_metrics(workdir)):
+    if any(r.get("split") != "train" for r in read_metrics(workdir)):
         paths.append(plots.loss_curves(workdir, workdir / "figures" / "loss_curves.png",
                                        title=f"{config.name}: training curves"))
     return paths

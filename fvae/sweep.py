@@ -271,15 +271,15 @@ def write_sweep_figures(sweep_dir: pathlib.Path, points: Sequence[Point], seeds:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for point in points:
             for seed in seeds:
-                steps, elbo = series(read_metrics(run_dir(sweep_dir, point, seed)), "test",
-                                     "elbo")
+                steps, elbo = series(read_metrics(run_dir(sweep_dir, point, seed)),
+                                     "validation", "elbo")
                 if len(steps):
                     ax.plot(steps, elbo, color=colours[dict(point.values)[axis]], alpha=0.7)
         for value in values:
             ax.plot([], [], color=colours[value], label=f"{axis}={value}")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test negative ELBO (nats/image)")
-        ax.set_title(f"Test negative ELBO by {axis} (every point and seed)")
+        ax.set_ylabel("validation negative ELBO (nats/image)")
+        ax.set_title(f"Validation negative ELBO by {axis} (every point and seed)")
         ax.legend()
         paths.append(plots.save_figure(fig, out / f"elbo_by_{axis}.png"))
     for name, title, columns in (("reconstructions", "Test images and reconstructions", 1),

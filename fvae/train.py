@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from fvae import checkpoint, configs, cpu, data, evaluate, losses, models, parallel
+from fvae import (binarize, checkpoint, configs, cpu, data, evaluate, losses, models,
+                  parallel, provenance)
 from fvae.keys import RunKeys, epoch_permutation
 from fvae.steps import (Metrics, Seeds, TrainState, all_finite, create_train_state,
                         default_steps_per_dispatch, evaluate_losses, make_eval_step,
@@ -102,7 +103,8 @@ class Program:
     config: ml_collections.ConfigDict
     dp: parallel.DataParallel
     dataset: data.Dataset
-    test_inputs: np.ndarray  # what the model is scored on (binarised once if dynamic)
+    validation_inputs: np.ndarray  # what checkpoints are selected on (and the test set's,
+    test_inputs: np.ndarray  # for report.epoch_test_metrics): binarised once if dynamic
     schedule: Schedule
     model: models.VAE
     beta_schedule: Callable[[jax.Array], jax.Array]
@@ -131,7 +133,8 @@ class Progress:
 
 # ---------------------------------------------------------------- entry points
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains the config's model, evaluating on the test split after every epoch.
+    """Trains the config's model, evaluating on the validation split after every epoch
+    (the best checkpoint is the one of the lowest validation ELBO).
 
     Writes workdir/config.json, workdir/metrics.jsonl (one line per epoch and split),
     checkpoints under workdir/checkpoints/ and workdir/figures/*.png. Resumes from the
@@ -210,8 +213,9 @@ def build_program(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
                                  skip_nonfinite=config.train.on_nonfinite == "skip",
                                  binarize_inputs=dynamic)
     return Program(
-        config, dp, dataset, evaluate.model_inputs(config, dataset.test_images), schedule,
-        model, beta_schedule,
+        config, dp, dataset,
+        evaluate.model_inputs(config, dataset.validation_images, binarize.VALIDATION_SEED),
+        evaluate.model_inputs(config, dataset.test_images), schedule, model, beta_schedule,
         make_train_chunk(train_step, config.train.batch_size, schedule.steps_per_epoch, dp,
                          num_seeds),
         make_eval_step(model, config.loss),
@@ -282,7 +286,7 @@ def _restore(runs: list[Run], program: Program) -> Progress:
 
 def _open_logs(runs: list[Run], schedule: Schedule, step: int) -> None:
     """Writes config.json and opens each seed's log, trimmed to what a run resumed at
-    `step` keeps (see Schedule.log_resume_step); a best checkpoint whose test line is
+    `step` keeps (see Schedule.log_resume_step); a best checkpoint whose validation line is
     trimmed is set aside."""
     keep_from = schedule.log_resume_step(step) if step else None
     primary = jax.process_index() == 0  # of a multi-host job, one process writes files
@@ -291,6 +295,8 @@ def _open_logs(runs: list[Run], schedule: Schedule, step: int) -> None:
             run.ckpt.set_aside_best_between(keep_from, step)
         if primary:
             write_config(run.config, run.workdir)
+            provenance.append(run.workdir, {**provenance.record(run.config),
+                                            "start_step": step})
         run.writer = MetricsWriter(run.workdir, resume_step=keep_from,
                                    tensorboard=run.config.report.tensorboard, primary=primary)
 
@@ -392,30 +398,42 @@ def _end_epoch(runs: list[Run], program: Program, progress: Progress, epoch: int
 
 def _log_epoch(run: Run, program: Program, state: TrainState, train_metrics: dict,
                progress: Progress, epoch: int, images_per_sec: float, bar) -> None:
-    """Writes one seed's train and test lines and keeps its best checkpoint."""
+    """Writes one seed's train and validation lines (and test lines, if the config asks)
+    and keeps its checkpoint of the lowest validation ELBO. The test set selects nothing."""
     config, step = run.config, progress.step
     common = {"epoch": epoch + 1, "step": step, "wall_time": time.time() - progress.start_time}
     run.writer.write({"split": "train", **common, **train_metrics,
                       "images_per_sec": images_per_sec})
     beta_now = float(program.beta_schedule(step - 1))
-    eval_start = time.time()
     params = parallel.host_local(state.params)
-    devices = parallel.local_devices(config.runtime.num_devices)
-    test_metrics = evaluate_losses(program.eval_step, params, program.test_inputs,
-                                   config.runtime.eval_batch_size, run.keys.eval, beta_now,
-                                   devices)
-    if config.report.epoch_metrics_images:  # reconstruction quality and active units
-        test_metrics.update(evaluate.epoch_image_metrics(
-            program.model, params, config,
-            program.dataset.test_images[:config.report.epoch_metrics_images]))
-    run.writer.write({"split": "test", **common, **test_metrics, "beta": beta_now,
-                      "test_seconds": time.time() - eval_start})
+    scored = {"validation": _score(run, program, params, beta_now, program.validation_inputs,
+                                   program.dataset.validation_images)}
+    if config.report.epoch_test_metrics:
+        scored["test"] = _score(run, program, params, beta_now, program.test_inputs,
+                                program.dataset.test_images)
+    for split, metrics in scored.items():
+        run.writer.write({"split": split, **common, **metrics, "beta": beta_now})
+    validation = scored["validation"]
     if run.ckpt is not None:
         run.ckpt.save_best(step, state_tree(state, program.dp.replicate(zero_metrics())),
-                           test_metrics["elbo"])
-    bar.write(f"{run.label}epoch {epoch + 1}: train loss {train_metrics['loss']:.2f}, test "
-              f"loss {test_metrics['loss']:.2f}, test elbo {test_metrics['elbo']:.2f} nats, "
-              f"step {step}, {images_per_sec:.0f} img/s")
+                           validation["elbo"])
+    bar.write(f"{run.label}epoch {epoch + 1}: train loss {train_metrics['loss']:.2f}, "
+              f"validation loss {validation['loss']:.2f}, validation elbo "
+              f"{validation['elbo']:.2f} nats, step {step}, {images_per_sec:.0f} img/s")
+
+
+def _score(run: Run, program: Program, params, beta: float, inputs: np.ndarray,
+           images: np.ndarray) -> dict[str, float]:
+    """One split's epoch metrics: the losses of every image, reconstruction quality and
+    active units on the first report.epoch_metrics_images, and the seconds it took."""
+    config, start = run.config, time.time()
+    metrics = evaluate_losses(program.eval_step, params, inputs,
+                              config.runtime.eval_batch_size, run.keys.eval, beta,
+                              parallel.local_devices(config.runtime.num_devices))
+    if config.report.epoch_metrics_images:
+        metrics.update(evaluate.epoch_image_metrics(
+            program.model, params, config, images[:config.report.epoch_metrics_images]))
+    return {**metrics, "eval_seconds": time.time() - start}
 
 
 def _save(runs: list[Run], program: Program, progress: Progress) -> None:

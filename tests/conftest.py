@@ -24,7 +24,7 @@ def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def write_dataset(directory: pathlib.Path, n_train: int = 256, n_test: int = 64) -> dict:
+def write_dataset(directory: pathlib.Path, n_train: int = 320, n_test: int = 64) -> dict:
     """Writes the four IDX .gz files; returns {filename: md5} for them."""
     arrays = dict(zip(("train_images", "train_labels"), make_images(n_train, 0)))
     arrays.update(zip(("test_images", "test_labels"), make_images(n_test, 1)))
@@ -46,6 +46,7 @@ def tiny_config(data_dir, **overrides):
     c.data.dir = str(data_dir)
     c.data.download = False
     c.data.verify_checksums = False  # the test files are not the published ones
+    c.data.validation_size = 64  # of the 320 training images: 256 remain to train on
     c.model.latent_dim = 2
     c.model.encoder_widths = (4, 8, 8)
     c.model.encoder_dense = 16

@@ -17,7 +17,7 @@ from conftest import write_experiment
 from fvae.writer import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
-TIMING_KEYS = {"wall_time", "images_per_sec", "test_seconds"}
+TIMING_KEYS = {"wall_time", "images_per_sec", "eval_seconds"}
 
 
 def assert_same_params(a, b):
@@ -307,7 +307,7 @@ def test_load_latest_best_and_step(make_config, tmp_path):
     assert_same_params(params, state.params)
     _, _, best = runs.load_checkpoint(tmp_path, "best")[:3]
     _, _, first = runs.load_checkpoint(tmp_path, 8)[:3]
-    elbos = [r["elbo"] for r in read_metrics(tmp_path) if r["split"] == "test"]
+    elbos = [r["elbo"] for r in read_metrics(tmp_path) if r["split"] == "validation"]
     expected = [first, None, params][int(np.argmin(elbos))]
     if expected is not None:
         assert_same_params(best, expected)

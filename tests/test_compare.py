@@ -48,7 +48,7 @@ def make_run(source: pathlib.Path, workdir: pathlib.Path, epochs: int | None = N
 
 
 def last_test(workdir):
-    return [r for r in read_metrics(workdir) if r["split"] == "test"][-1]
+    return [r for r in read_metrics(workdir) if r["split"] == "validation"][-1]
 
 
 def test_one_run_writes_figure_markdown_and_csv(trained, tmp_path, capsys):
@@ -64,7 +64,7 @@ def test_one_run_writes_figure_markdown_and_csv(trained, tmp_path, capsys):
     assert header.split(" | ")[:6] == ["| run", "likelihood", "beta", "latent_dim", "epochs",
                                        "source"]
     assert rule.count("---") == header.count("|") - 1
-    assert "| tiny | bce | 1 | 2 | 2/2 | metrics.jsonl epoch 2 |" in row
+    assert "| tiny | bce | 1 | 2 | 2/2 | metrics.jsonl epoch 2 (validation) |" in row
     with open(tmp_path / "out" / "comparison.csv") as f:
         (csv_row,) = list(csv.DictReader(f))
     expected = last_test(trained)
@@ -94,7 +94,8 @@ def test_five_runs_with_eval_json_progress_and_repeated_names(trained, tmp_path)
     workdirs = [
         trained,
         make_run(trained, tmp_path / "evaluated",
-                 evaluation={"elbo": 123.5, "iwae_nll": 120.25, "kl_per_dim": [0.5, 0.25]}),
+                 evaluation={"elbo": 123.5, "iwae_nll": 120.25, "kl_per_dim": [0.5, 0.25],
+                             "selection": {"rule": "validation", "step": 16}}),
         make_run(trained, tmp_path / "running", epochs=1, train__num_epochs=10),
         make_run(trained, tmp_path / "started", epochs=0),
         make_run(trained, tmp_path / "by_steps", name="mse", train__num_steps=36,
@@ -107,7 +108,7 @@ def test_five_runs_with_eval_json_progress_and_repeated_names(trained, tmp_path)
     assert by_dir["evaluated"]["iwae_nll"] == 120.25 and "loss" not in by_dir["evaluated"]
     assert "kl_per_dim" not in by_dir["evaluated"]  # a list has no place in a table cell
     assert (by_dir["running"]["epochs"], by_dir["running"]["source"]) == \
-        ("1/10", "metrics.jsonl epoch 1")
+        ("1/10", "metrics.jsonl epoch 1 (validation)")
     assert (by_dir["started"]["epochs"], by_dir["started"]["source"]) == ("0/2", "no epoch yet")
     assert by_dir["by_steps"]["epochs"] == "2/5"  # 36 steps of 8 per epoch
     assert (by_dir["by_steps"]["likelihood"], by_dir["by_steps"]["beta"]) == \
@@ -151,3 +152,31 @@ def test_nonfinite_metrics_are_gaps_not_errors(trained, tmp_path):
     (row,) = compare.compare([run], tmp_path / "c.png")
     assert math.isnan(row["kl"])
     assert "| nan |" in compare.markdown_table([row])
+
+
+def test_runs_of_an_earlier_fvae_are_marked_as_selected_on_test(trained, tmp_path):
+    """A workdir from before validation selection (test lines only; eval.json without a
+    selection record) is shown with its test curves, marked, never mixed in silently."""
+    old = make_run(trained, tmp_path / "old")
+    lines = (old / "metrics.jsonl").read_text().replace('"validation"', '"test"')
+    (old / "metrics.jsonl").write_text(lines)
+    old_evaluated = make_run(trained, tmp_path / "old_evaluated", evaluation={"elbo": 1.0})
+    rows = compare.compare([trained, old, old_evaluated], tmp_path / "mixed.png")
+    sources = [r["source"] for r in rows]
+    assert sources[0] == "metrics.jsonl epoch 2 (validation)"
+    assert sources[1] == "metrics.jsonl epoch 2 (test) (old rule: selected on test)"
+    assert sources[2] == "eval.json (old rule: selected on test)"
+    assert rows[1]["epochs"] == "2/2" and rows[1]["elbo"] == rows[0]["elbo"]
+
+
+def test_runs_of_different_code_are_compared_with_a_warning(trained, tmp_path, capsys):
+    from fvae import provenance
+    one, two = make_run(trained, tmp_path / "one"), make_run(trained, tmp_path / "two")
+    for workdir, commit in ((one, "abc"), (two, "def")):
+        provenance.append(workdir, {"code": {"commit": commit, "dirty": False},
+                                    "versions": {"jax": "0.10.0"}})
+    compare.compare([one, two], tmp_path / "c.png")
+    assert "code commit differs: tiny [one]: abc, tiny [two]: def" in capsys.readouterr().err
+    three = make_run(trained, tmp_path / "three")  # without a record: nothing to compare
+    compare.compare([one, three], tmp_path / "d.png")
+    assert "differs" not in capsys.readouterr().err

@@ -20,7 +20,7 @@ def test_idx_roundtrip(tmp_path):
 def test_loads_with_checksums(tmp_path):
     checksums = write_dataset(tmp_path)
     ds = data.load_fashion_mnist(tmp_path, allow_download=False, checksums=checksums)
-    assert ds.train_images.shape == (256, 28, 28) and ds.train_images.dtype == np.uint8
+    assert ds.train_images.shape == (320, 28, 28) and ds.train_images.dtype == np.uint8
     assert ds.test_labels.shape == (64,)
 
 
@@ -87,7 +87,7 @@ def file_server(tmp_path):
 def test_download_fetches_and_verifies(tmp_path, file_server):
     url, checksums = file_server
     ds = data.load_fashion_mnist(tmp_path / "cache", base_url=url, checksums=checksums)
-    assert ds.train_images.shape == (256, 28, 28)
+    assert ds.train_images.shape == (320, 28, 28)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
         f for f, _ in data.FILES.values())
 
@@ -163,4 +163,33 @@ def test_tfds_source_reads_the_same_local_files_offline(tmp_path):
     result = subprocess.run([sys.executable, "-c", TFDS_SCRIPT, str(tmp_path)],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "tfds matches idx (256, 28, 28) (64, 28, 28)" in result.stdout
+    assert "tfds matches idx (320, 28, 28) (64, 28, 28)" in result.stdout
+
+
+def test_the_validation_split_is_fixed_disjoint_and_nested():
+    """Every run of a size holds out the same images; a smaller split's images are a
+    subset of a larger one's; together with the rest they are the whole set, once."""
+    train, held = data.validation_split(1000, 100)
+    again_train, again_held = data.validation_split(1000, 100)
+    np.testing.assert_array_equal(held, again_held)
+    np.testing.assert_array_equal(train, again_train)
+    assert len(held) == 100 and np.all(np.diff(held) > 0) and np.all(np.diff(train) > 0)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.arange(1000))
+    assert set(data.validation_split(1000, 30)[1]) <= set(held)
+    assert not set(held) <= set(range(100))  # drawn, not the first images
+    for size in (0, 1000):
+        with pytest.raises(data.DataError, match="data.validation_size"):
+            data.validation_split(1000, size)
+
+
+def test_load_holds_validation_out_before_the_training_limit(tiny_data_dir):
+    from conftest import tiny_config
+    whole = data.load(tiny_config(tiny_data_dir, **{"data.validation_size": 64}))
+    assert len(whole.train_images) == 256 and len(whole.validation_images) == 64
+    raw = data.load_fashion_mnist(tiny_data_dir, allow_download=False, verify_checksums=False)
+    train, held = data.validation_split(320, 64)
+    np.testing.assert_array_equal(whole.validation_images, raw.train_images[held])
+    np.testing.assert_array_equal(whole.validation_labels, raw.train_labels[held])
+    limited = data.load(tiny_config(tiny_data_dir, **{"data.limit_train": 100}))
+    np.testing.assert_array_equal(limited.train_images, raw.train_images[train[:100]])
+    np.testing.assert_array_equal(limited.validation_images, whole.validation_images)

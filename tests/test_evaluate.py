@@ -13,7 +13,9 @@ EVAL_KEYS = {"elbo", "nll_recon", "kl", "kl_per_dim", "active_units", "iwae_nll"
              "recon_mse", "psnr", "ssim", "sharpness", "fd_samples", "fd_recons",
              "classifier_test_accuracy", "probe_accuracy", "num_test_images",
              "iwae_samples", "iwae_num_images", "fd_num_samples", "iwae_seconds",
-             "eval_seconds", "eval_settings", "checkpoint_step"}
+             "eval_seconds", "eval_settings", "checkpoint_step", "selection", "iwae_nll_se",
+             "iwae_by_k", "iwae_elbo", "iwae_ess_mean", "iwae_ess_p5", "iwae_levelled_off",
+             "provenance"}
 QUICK_EVAL = {"eval.iwae_samples": 40, "eval.iwae_decode_batch": 64,
               "eval.classifier_epochs": 2, "eval.probe_steps": 50}
 
@@ -208,6 +210,45 @@ def test_bounds_do_not_depend_on_batching(run):
     assert a[0].shape == a[1].shape == (10,)
 
 
+def test_one_pass_gives_the_bound_at_every_k_the_ess_and_the_elbo_of_its_draws(run):
+    """Against numpy on the same draws (log_importance_weights uses the same keys)."""
+    _, config, model, params, dataset = run
+    images, key = dataset.test_images[:6], jax.random.key(12)
+    out = evaluate.importance_sampled(model, params, config.loss, images, key, 30, 24)
+    log_w = np.asarray(evaluate.log_importance_weights(model, params, images, key, 30,
+                                                       config.loss), np.float64)
+    assert evaluate.k_ladder(30) == (1, 10, 30)
+    for j, k in enumerate((1, 10, 30)):
+        top = log_w[:k].max(0)
+        expected = top + np.log(np.exp(log_w[:k] - top).sum(0)) - np.log(k)
+        np.testing.assert_allclose(out["log_px_by_k"][:, j], expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(out["log_px_by_k"][:, -1], out["log_px"])
+    w = np.exp(log_w - log_w.max(0))
+    np.testing.assert_allclose(out["ess"], w.sum(0) ** 2 / (w ** 2).sum(0), rtol=1e-3)
+    assert np.all((out["ess"] >= 1 - 1e-4) & (out["ess"] <= 30 + 1e-3))
+    np.testing.assert_allclose(out["elbo"], -log_w.mean(0), rtol=1e-5)
+    log_px, nll = evaluate.likelihood_bounds(model, params, config.loss, images, key, 30, 24)
+    np.testing.assert_array_equal(log_px, out["log_px"])
+    np.testing.assert_array_equal(nll, out["nll"])
+
+
+def test_k_ladder_and_the_summary_of_the_draws():
+    assert evaluate.k_ladder(5000) == (1, 10, 100, 1000, 5000)
+    assert evaluate.k_ladder(100) == (1, 10, 100) and evaluate.k_ladder(1) == (1,)
+    rng = np.random.default_rng(0)
+    by_k = np.stack([-100 - rng.normal(size=400), -95 - rng.normal(size=400)], 1)
+    draws = {"log_px": by_k[:, -1], "log_px_by_k": by_k, "elbo": 101 + rng.normal(size=400),
+             "ess": rng.uniform(1, 10, 400)}
+    summary = evaluate.iwae_summary(draws, 10)
+    assert summary["iwae_nll"] == pytest.approx(-by_k[:, 1].mean())
+    assert summary["iwae_nll_se"] == pytest.approx(by_k[:, 1].std(ddof=1) / 20)
+    assert [row["k"] for row in summary["iwae_by_k"]] == [1, 10]
+    assert summary["iwae_ess_p5"] == pytest.approx(np.percentile(draws["ess"], 5))
+    assert not summary["iwae_levelled_off"]  # moved ~5 nats, standard error ~0.05
+    by_k[:, 0] = by_k[:, 1] + 0.001
+    assert evaluate.iwae_summary({**draws, "log_px_by_k": by_k}, 10)["iwae_levelled_off"]
+
+
 # ---- binarisation --------------------------------------------------------------
 def test_binarize_draws_bernoulli_pixels_and_is_fixed_per_image():
     images = np.tile(np.array([0, 64, 128, 255], np.uint8), (2000, 1)).reshape(2000, 2, 2)
@@ -277,6 +318,14 @@ def test_evaluate_run_writes_every_metric(run):
     assert sum(written["kl_per_dim"]) == pytest.approx(written["kl"], rel=1e-4)
     assert written["elbo"] == pytest.approx(written["nll_recon"] + written["kl"], rel=1e-6)
     assert written["iwae_nll"] < written["elbo"]  # K = 40 is tighter than the ELBO
+    assert written["iwae_nll"] < written["iwae_elbo"]  # and than the ELBO of its own draws
+    assert [row["k"] for row in written["iwae_by_k"]] == [1, 10, 40]
+    assert written["iwae_by_k"][-1]["iwae_nll"] == written["iwae_nll"]
+    assert written["iwae_nll_se"] == written["iwae_by_k"][-1]["se"] > 0
+    assert 1 <= written["iwae_ess_p5"] <= written["iwae_ess_mean"] <= 40
+    assert written["selection"]["step"] == written["checkpoint_step"]
+    assert written["provenance"]["versions"]["jax"] == jax.__version__
+    assert (workdir / "figures" / "iwae_vs_k.png").stat().st_size > 1000
     assert 0 < written["ssim"] <= 1 and written["psnr"] > 0 and written["fd_samples"] > 0
     assert 0 <= written["probe_accuracy"] <= 1
     assert results["iwae_nll"] == pytest.approx(written["iwae_nll"])

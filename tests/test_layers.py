@@ -18,8 +18,8 @@ LAYERS = [
     # configs, data, models, losses, random keys, and helpers that know none of them
     {"configs", "data", "models", "losses", "keys", "images", "batching", "binarize",
      "parallel", "runtime", "logs"},
-    # the machine (CPU kernels and start-up), storage, and the evaluation classifier
-    {"cpu", "checkpoint", "writer", "classifier"},
+    # the machine (CPU kernels and start-up), provenance, storage, the classifier
+    {"cpu", "provenance", "checkpoint", "writer", "classifier"},
     # train state and steps; evaluation and figures of a model's parameters
     {"steps", "evaluate", "plots"},
     # one run's loop

@@ -326,7 +326,7 @@ def test_a_tiny_run_finishes_with_finite_metrics(make_config, tmp_path, override
                             "report.num_figure_images": 4})
     state = train.train_and_evaluate(config, str(tmp_path))
     records = read_metrics(tmp_path)
-    assert {r["split"] for r in records} == {"train", "test"}
+    assert {r["split"] for r in records} == {"train", "validation"}
     for r in records:
         values = [v for k, v in r.items() if isinstance(v, float)]
         assert values and all(math.isfinite(v) for v in values), r

@@ -60,14 +60,20 @@ def metric_lines(workdir) -> list[dict]:
 
 
 def assert_same_run(one: dict, many: dict, one_dir, many_dir) -> None:
-    for a, b in zip(one["leaves"], many["leaves"]):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
+    """Parameters equal within float tolerance, but for at most 0.1% of them: Adam moves
+    a parameter whose gradient is ~0 (a bias of an unused unit) by up to lr a step on
+    float noise alone, which the order of a sum across devices can flip. (Different
+    draws for a device's rows would move them all.)"""
+    a, b = (np.concatenate([np.ravel(x) for x in run["leaves"]]) for run in (one, many))
+    off = ~np.isclose(a, b, rtol=2e-3, atol=2e-4)
+    assert off.sum() <= 0.001 * a.size, (off.sum(), a.size)
+    np.testing.assert_allclose(a, b, atol=16 * 1e-3)  # 16 steps of lr 1e-3 at most
     lines, many_lines = metric_lines(one_dir), metric_lines(many_dir)
     assert len(lines) == len(many_lines)
     for a, b in zip(lines, many_lines):
         assert (a["split"], a["step"]) == (b["split"], b["step"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
-        if a["split"] == "test":  # image metrics: evaluation dealt across the devices
+        if a["split"] == "validation":  # image metrics: evaluation dealt across the devices
             assert a["psnr"] == pytest.approx(b["psnr"], rel=1e-3)
             assert a["active_units"] == b["active_units"]
 

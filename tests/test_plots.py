@@ -146,7 +146,7 @@ def test_loss_curves_need_only_metrics(runs, tmp_path, captured):
     assert_png(path)
     panels = captured["curves.png"].axes
     assert [ax.get_title() for ax in panels[:3]] == ["loss (recon + β·KL)", "recon", "KL (nats)"]
-    epochs = [r["epoch"] for r in read_metrics(tmp_path) if r["split"] == "test"]
+    epochs = [r["epoch"] for r in read_metrics(tmp_path) if r["split"] == "validation"]
     for ax in panels[:3]:
         assert [list(line.get_xdata()) for line in ax.lines] == [epochs, epochs]
     assert panels[3].get_ylabel() == "β"  # the twin axis of the KL panel

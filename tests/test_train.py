@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import assert_params_close, params_equal
-from fvae import configs, cpu, steps, train
+from conftest import assert_params_close, params_equal, tiny_config
+from fvae import configs, cpu, runs, steps, train
 from fvae.writer import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -19,7 +19,7 @@ def test_training_lowers_the_test_loss_and_writes_the_run(make_config, tmp_path)
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 4 * (256 // 32)
     records = read_metrics(tmp_path)
-    test = [r for r in records if r["split"] == "test"]
+    test = [r for r in records if r["split"] == "validation"]
     assert [r["epoch"] for r in test] == [1, 2, 3, 4]
     losses = [r["loss"] for r in test]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses  # falls every epoch
@@ -57,7 +57,7 @@ def test_num_steps_overrides_epochs_and_warmup_reaches_beta(make_config, tmp_pat
                             "loss.beta_schedule": "linear", "loss.warmup_steps": 6})
     state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 12
-    test = [r for r in read_metrics(tmp_path) if r["split"] == "test"]
+    test = [r for r in read_metrics(tmp_path) if r["split"] == "validation"]
     assert [r["step"] for r in test] == [8, 12]
     assert test[-1]["beta"] == pytest.approx(0.5)
 
@@ -90,6 +90,7 @@ def test_launch_trains_with_command_line_overrides(tiny_data_dir, tmp_path):
     result = run_launch(
         "--config", "experiments/keras_dh2.py", "--workdir", str(tmp_path),
         f"--config.data.dir={tiny_data_dir}", "--config.data.verify_checksums=False",
+        "--config.data.validation_size=64",
         "--config.train.num_steps=4", "--config.train.batch_size=32",
         "--config.report.progress_bar=False")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -103,7 +104,8 @@ def test_launch_trains_with_command_line_overrides(tiny_data_dir, tmp_path):
         (tmp_path / "figures" / f"{name}.png").unlink()
     result = run_launch("--config", "experiments/keras_dh2.py", "--workdir", str(tmp_path),
                         f"--config.data.dir={tiny_data_dir}", "--mode", "plot",
-                        "--config.data.verify_checksums=False")
+                        "--config.data.verify_checksums=False",
+                        "--config.data.validation_size=64")
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("reconstructions", "samples", "latent_manifold", "latent_scatter",
                  "loss_curves"):
@@ -111,13 +113,18 @@ def test_launch_trains_with_command_line_overrides(tiny_data_dir, tmp_path):
     assert list((tmp_path / "tensorboard").iterdir()), "TensorBoard events are written"
     result = run_launch("--config", "experiments/keras_dh2.py", "--workdir", str(tmp_path),
                         f"--config.data.dir={tiny_data_dir}", "--mode", "eval",
-                        "--config.data.verify_checksums=False",
+                        "--config.data.verify_checksums=False", "--config.data.validation_size=64",
                         "--config.eval.iwae_samples=3", "--config.eval.classifier_epochs=1",
                         f"--config.eval.classifier_dir={tmp_path / 'classifier'}",
                         "--config.eval.probe_steps=5")
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["iwae_samples"] == 3 and results["iwae_nll"] <= results["elbo"] + 1e-3
+    validation = [r for r in read_metrics(tmp_path) if r["split"] == "validation"]
+    chosen = min(validation, key=lambda r: r["elbo"])  # the rule, recorded with the numbers
+    assert results["selection"]["rule"].startswith("the epoch end of the lowest validation")
+    assert results["selection"]["step"] == chosen["step"] == results["checkpoint_step"]
+    assert results["selection"]["validation_elbo"] == pytest.approx(chosen["elbo"])
 
 
 def test_launch_rejects_unknown_keys_and_bad_values(tmp_path):
@@ -245,3 +252,53 @@ def test_runs_trained_together_need_their_own_workdirs(make_config, tmp_path):
     with pytest.raises(ValueError, match="one workdir each"):
         train.train_seeds([make_config(seed=0), make_config(seed=1)],
                           [tmp_path / "same", tmp_path / "same"])
+
+
+TIMING_KEYS = {"wall_time", "images_per_sec", "eval_seconds"}
+
+
+def untimed(records: list[dict], splits=("train", "validation")) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records
+            if r["split"] in splits]
+
+
+def test_validation_images_are_never_trained_on_and_the_test_set_decides_nothing(tmp_path):
+    """Three datasets that differ only in the held-out validation images' pixels, or
+    only in the test images' pixels. The first trains exactly as the original (the
+    validation images reach no batch); the second trains and selects exactly as it
+    too, even while logging test lines (the test set reaches no decision)."""
+    from conftest import make_images
+    from fvae import data
+    original = dict(zip(("train_images", "train_labels"), make_images(320, 0)))
+    original.update(zip(("test_images", "test_labels"), make_images(64, 1)))
+    _, held = data.validation_split(320, 64)
+    other_validation = {**original, "train_images": original["train_images"].copy()}
+    other_validation["train_images"][held] = 255 - other_validation["train_images"][held]
+    other_test = {**original, "test_images": 255 - original["test_images"]}
+    finals, metrics, best = {}, {}, {}
+    for name, arrays, extra in (("original", original, {}),
+                                ("validation", other_validation, {}),
+                                ("test", other_test, {"report.epoch_test_metrics": True})):
+        data.write_files(tmp_path / name / "data", arrays)
+        config = tiny_config(tmp_path / name / "data", **{"train.num_epochs": 3, **extra})
+        finals[name] = train.train_and_evaluate(config, str(tmp_path / name / "run")).params
+        metrics[name] = read_metrics(tmp_path / name / "run")
+        best[name] = runs.load_checkpoint(tmp_path / name / "run", "best").step
+    assert params_equal(finals["validation"], finals["original"])
+    assert untimed(metrics["validation"], ("train",)) == untimed(metrics["original"], ("train",))
+    assert params_equal(finals["test"], finals["original"])
+    assert untimed(metrics["test"]) == untimed(metrics["original"])
+    assert best["test"] == best["original"]
+    tests = [r for r in metrics["test"] if r["split"] == "test"]
+    assert [r["epoch"] for r in tests] == [1, 2, 3]  # logged when asked, used for nothing
+    assert not any(r["split"] == "test" for r in metrics["original"])
+
+
+def test_every_session_of_a_run_records_its_provenance(make_config, tmp_path):
+    from fvae import provenance
+    train.train_and_evaluate(make_config(**{"train.num_epochs": 1}), str(tmp_path))
+    train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))  # extended
+    sessions = provenance.read(tmp_path)
+    assert [s["start_step"] for s in sessions] == [0, 8]
+    assert sessions[-1]["machine"]["runtime"]["eval_batch_size"] == 48
+    assert sessions[-1]["versions"]["jax"] == jax.__version__

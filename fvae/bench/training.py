@@ -32,7 +32,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -96,17 +95,14 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def cpu_description() -> str:
-    """The host CPU's model, core count and widest vector extension, for the JSON."""
-    from fvae import cpu  # one reader of /proc/cpuinfo
-    lines = cpu.cpu_fingerprint().splitlines()
-    field = lambda name: [l.split(":", 1)[1] for l in lines if l.startswith(name)]  # noqa
-    model = next((m.strip() for m in field("model name")), platform.processor()
-                 or platform.machine())
-    flags = {flag for l in field("flags") for flag in l.split()}
-    vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
-                                           ("avx", "AVX")) if flag in flags), "")
-    return f"{model}, {os.cpu_count()} cores{', ' + vector if vector else ''}"
+def matmul_peak_in_child() -> float:
+    """matmul_peak_gflops in a fresh process, as every configuration is timed."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import json; from fvae.bench.training import "
+         "matmul_peak_gflops as p; print(json.dumps(p()))"], capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"measuring the matmul peak failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout)
 
 
 def bench_config(spec: dict[str, Any]):
@@ -257,7 +253,10 @@ def time_epochs(config, spec: dict[str, Any]) -> dict[str, Any]:
 
     rng = np.random.default_rng(3)
     arrays = {}
-    for split, n in (("train", spec["num_images"]), ("test", spec["test_images"])):
+    # --num-images to train on after the validation split (--test-images, evaluated
+    # each epoch) is held out of the training files
+    for split, n in (("train", spec["num_images"] + spec["test_images"]),
+                     ("test", spec["test_images"])):
         arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         arrays[f"{split}_labels"] = rng.integers(0, 10, n, dtype=np.uint8)
     with tempfile.TemporaryDirectory(prefix="fvae-bench-") as tmp:
@@ -266,6 +265,7 @@ def time_epochs(config, spec: dict[str, Any]) -> dict[str, Any]:
         config = config.copy_and_resolve_references()
         config.data.dir, config.data.download = str(tmp), False
         config.data.verify_checksums = False  # random images, not the published files
+        config.data.validation_size = spec["test_images"]
         config.train.num_epochs, config.report.progress_bar = EPOCHS_RUN, False
         config.report.num_figure_images, config.report.tensorboard = 0, False
         runs = []
@@ -276,10 +276,10 @@ def time_epochs(config, spec: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         train.train_seeds(runs, workdirs)
         total = time.perf_counter() - t
-        tests = [[r for r in read_metrics(w) if r["split"] == "test"] for w in workdirs]
-    return {"epoch_seconds": tests[0][-1]["wall_time"] - tests[0][-2]["wall_time"],
+        evals = [[r for r in read_metrics(w) if r["split"] == "validation"] for w in workdirs]
+    return {"epoch_seconds": evals[0][-1]["wall_time"] - evals[0][-2]["wall_time"],
             # every seed's evaluation (one after another) falls in the timed epoch
-            "epoch_eval_seconds": sum(t[-2]["test_seconds"] for t in tests),
+            "epoch_eval_seconds": sum(e[-2]["eval_seconds"] for e in evals),
             "epochs_run_seconds": total}
 
 
@@ -378,8 +378,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reduce", default="auto",
                         help="gradient sum across devices: auto, host, xla (fvae.parallel)")
     parser.add_argument("--cpu-convolutions", default="eigen",
-                        help="XLA:CPU convolution kernels: eigen, xla_default "
-                             "(fvae/cpu/process.py)")
+                        help="XLA:CPU's convolutions: eigen, xla_default (fvae/cpu)")
     parser.add_argument("--cpu-conv3x3", default="fvae",
                         help="3x3 convolutions and transposed convolutions on CPU: fvae, xla "
                              "(fvae.cpu)")
@@ -398,9 +397,9 @@ def main(argv=None) -> None:
                              "(fvae rows; 0: no)")
     parser.add_argument("--iwae-images", type=int, default=64)
     parser.add_argument("--epochs", action="store_true",
-                        help=f"also time whole epochs (fvae rows): {EPOCHS_RUN} epochs of "
-                             "real training on --num-images random images, evaluating "
-                             "--test-images each epoch; reports the last epoch's seconds")
+                        help=f"also time whole epochs (fvae rows): {EPOCHS_RUN} epochs on "
+                             "--num-images random images, --test-images validation images "
+                             "scored each epoch; reports the last epoch's seconds")
     parser.add_argument("--test-images", type=int, default=10_000)
     parser.add_argument("--reference", default="",
                         help="comma-separated: keras, torch, torch_compile (needs tensorflow "
@@ -418,12 +417,7 @@ def main(argv=None) -> None:
         print(json.dumps(run_one(json.loads(args.child))))
         return
 
-    result = subprocess.run(
-        [sys.executable, "-c", "import json; from fvae.bench.training import matmul_peak_gflops as p; "
-         "print(json.dumps(p()))"], capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"measuring the matmul peak failed:\n{result.stderr[-2000:]}")
-    peak = json.loads(result.stdout)
+    peak = matmul_peak_in_child()
     specs = []  # (spec, module that times it)
     for model in args.models.split(","):
         for latent in map(int, args.latent_dims.split(",")):
@@ -443,10 +437,13 @@ def main(argv=None) -> None:
             line = format_table(spec_runs[-1:], peak).splitlines()[-1]
             print(f"{line} round {round_index + 1}" if args.rounds > 1 else line, flush=True)
     rows = [median_round(spec_runs) for spec_runs in runs]
-    table, cpu = format_table(rows, peak), cpu_description()
+    from fvae import provenance
+    record = provenance.record()  # this process's; each row has its own runtime settings
+    table, cpu = format_table(rows, peak), record["machine"]["cpu"]
     print(f"\n{cpu}; measured fp32 matmul peak: {peak:.0f} GFLOP/s\n\n{table}")
     pathlib.Path(args.out).write_text(json.dumps(
-        {"matmul_peak_gflops": peak, "cpu": cpu, "results": rows}, indent=2) + "\n")
+        {"matmul_peak_gflops": peak, "cpu": cpu, "results": rows, "provenance": record},
+        indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 

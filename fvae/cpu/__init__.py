@@ -26,12 +26,12 @@ import flax.linen as nn
 
 from fvae import configs, models
 from fvae.cpu import kernels
-from fvae.cpu.kernels import cpu_fingerprint, tiles
+from fvae.cpu.kernels import cpu_description, cpu_fingerprint, tiles
 from fvae.cpu.process import (configure_cpu_convolutions, cpu_device_count,
                               huge_pages_restart_env, restart_with_huge_pages, setup,
                               with_huge_pages)
 
-__all__ = ["accelerate", "Accelerated", "cpu_fingerprint", "tiles", "setup",
+__all__ = ["accelerate", "Accelerated", "cpu_description", "cpu_fingerprint", "tiles", "setup",
            "restart_with_huge_pages", "huge_pages_restart_env", "with_huge_pages",
            "cpu_device_count", "configure_cpu_convolutions"]
 
