@@ -37,7 +37,8 @@ def _length_sets_a_schedule(flat: dict[str, Any]) -> bool:
 
 # The layout of what a checkpoint holds (the tree and its meta). Version 2: the config
 # has a `runtime` block, and a run that ends mid-epoch saves its epoch sums unreset.
-FORMAT_VERSION = 2
+# 2: no model knowledge in the checkpoint; 3: best chosen on a validation split
+FORMAT_VERSION = 3
 
 
 class CheckpointError(RuntimeError):
@@ -242,7 +243,8 @@ def check_format(meta: dict[str, Any], where) -> None:
         raise CheckpointError(
             f"the checkpoint in {where} has format version {version}; this fvae reads "
             f"version {FORMAT_VERSION} only. Train afresh in a new --workdir, or finish and "
-            f"evaluate the run with the fvae that wrote it (format 1: git commit 5ce2280).")
+            f"evaluate the run with the fvae that wrote it (format 1, whose best checkpoint "
+            "was chosen on the test set: git commit 5ce2280).")
 
 
 def check_config(saved: dict[str, Any], config: ml_collections.ConfigDict, where,

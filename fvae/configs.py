@@ -137,7 +137,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.report.tensorboard = True  # also write workdir/tensorboard/ event files
     c.report.epoch_test_metrics = False  # also log test-set lines each epoch (they never
     # select anything; `launch.py --mode eval` reports the test set once, at the end)
-    c.report.epoch_metrics_images = 1000  # test images for per-epoch SSIM etc.; 0: off
+    c.report.epoch_metrics_images = 1000  # images for per-epoch SSIM etc.; 0: off
 
     # How to compute, not what: the machine settings. Every key here may change when a
     # run resumes.
@@ -160,7 +160,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.enabled = True
     c.checkpoint.every_steps = 0  # 0: at the end of every epoch (and of training)
-    c.checkpoint.keep = 3  # latest checkpoints kept; the best by test ELBO is kept apart
+    c.checkpoint.keep = 3  # latest checkpoints kept; the best by validation ELBO apart
     c.checkpoint.async_save = True
 
     c.eval = ml_collections.ConfigDict()  # fvae.evaluate (launch.py --mode eval)

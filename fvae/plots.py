@@ -271,6 +271,8 @@ def loss_curves(workdir: str | os.PathLike, path: str | os.PathLike,
         ax.set_title(label)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     epochs, beta = series(records, "validation", "beta")
+    if not len(epochs):  # a run of an earlier fvae logged test lines only
+        epochs, beta = series(records, "test", "beta")
     twin = axes[2].twinx()
     twin.plot(epochs, beta, ":", color="0.4", label="β (right axis)")
     twin.set_ylabel("β")

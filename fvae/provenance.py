@@ -37,7 +37,9 @@ def _git(*args: str) -> str | None:
 def code() -> dict[str, Any]:
     """The git commit of the fvae source and whether its tree had changes; where it is
     not a git checkout (an installed fvae), the installed version."""
-    commit = _git("rev-parse", "HEAD")
+    top = _git("rev-parse", "--show-toplevel")  # fvae's own checkout, not one it sits in
+    commit = _git("rev-parse", "HEAD") if top and pathlib.Path(top).resolve() == SOURCE_DIR \
+        else None
     if commit is not None:
         changes = _git("status", "--porcelain", "--untracked-files=no")
         return {"commit": commit, "dirty": bool(changes), "source": str(SOURCE_DIR)}

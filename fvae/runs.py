@@ -56,8 +56,9 @@ def load_checkpoint(workdir: str | os.PathLike, which: str | int = "latest") -> 
 
 def selection(run: LoadedRun, which: str | int) -> dict[str, Any]:
     """How the evaluated checkpoint was chosen, for eval.json: never on the test set."""
-    chosen = which == "best"
-    return {"rule": SELECTION_RULE if chosen else f"checkpoint {which!r}, not selected",
+    rule = SELECTION_RULE if run.validation_elbo is not None else (
+        "unknown: the best checkpoint records no validation ELBO")
+    return {"rule": rule if which == "best" else f"checkpoint {which!r}, not selected",
             "checkpoint": which, "step": run.step, "validation_elbo": run.validation_elbo,
             "validation_size": run.config.data.validation_size}
 
@@ -87,15 +88,15 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
     results["checkpoint_step"] = step
     results["selection"] = selection(run, which)
     results["provenance"] = provenance.record(config)
-    from fvae import plots  # here: importing fvae.runs must not set matplotlib's backend
-    plots.iwae_vs_k(results["iwae_by_k"], pathlib.Path(workdir) / "figures" / "iwae_vs_k.png",
-                    title=f"{saved.name}: IWAE bound against K (step {step})")
     path = pathlib.Path(workdir) / "eval.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({k: [jsonable(x) for x in v] if isinstance(v, list)
                                else jsonable(v) for k, v in results.items()},
                               indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # the numbers first: a figure that fails loses none of them
+    from fvae import plots  # here: importing fvae.runs must not set matplotlib's backend
+    plots.iwae_vs_k(results["iwae_by_k"], pathlib.Path(workdir) / "figures" / "iwae_vs_k.png",
+                    title=f"{saved.name}: IWAE bound against K (step {step})")
     return results
 
 

@@ -141,7 +141,8 @@ def evaluated(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
     """Whether the run was trained with the config (its length included) and has an
     eval.json made with the config's eval settings. Otherwise it goes back to training:
     a run whose length grew resumes, one trained otherwise stops with the differences;
-    an evaluation made with other settings (the sweep's IWAE settings changed) is redone.
+    an evaluation made with other settings (the sweep's IWAE settings changed), or of a
+    checkpoint not chosen on validation (an earlier fvae's), is not counted.
     """
     from fvae import checkpoint
     path, trained_with = workdir / "eval.json", workdir / "config.json"
@@ -153,7 +154,9 @@ def evaluated(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
                                                     config, lengths_resumable=False)
     except (json.JSONDecodeError, configs.ConfigError):  # (training will say what is wrong)
         return False
-    return evaluation.get("eval_settings") == configs.flatten(config.eval) and not differences
+    selected = (evaluation.get("selection") or {}).get("validation_elbo") is not None
+    return selected and not differences and \
+        evaluation.get("eval_settings") == configs.flatten(config.eval)
 
 
 def set_aside_shorter_evaluation(workdir: pathlib.Path, config: ml_collections.ConfigDict

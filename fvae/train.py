@@ -407,10 +407,11 @@ def _log_epoch(run: Run, program: Program, state: TrainState, train_metrics: dic
     beta_now = float(program.beta_schedule(step - 1))
     params = parallel.host_local(state.params)
     scored = {"validation": _score(run, program, params, beta_now, program.validation_inputs,
-                                   program.dataset.validation_images)}
+                                   program.dataset.validation_images,
+                                   binarize.VALIDATION_SEED)}
     if config.report.epoch_test_metrics:
         scored["test"] = _score(run, program, params, beta_now, program.test_inputs,
-                                program.dataset.test_images)
+                                program.dataset.test_images, binarize.TEST_SEED)
     for split, metrics in scored.items():
         run.writer.write({"split": split, **common, **metrics, "beta": beta_now})
     validation = scored["validation"]
@@ -423,7 +424,7 @@ def _log_epoch(run: Run, program: Program, state: TrainState, train_metrics: dic
 
 
 def _score(run: Run, program: Program, params, beta: float, inputs: np.ndarray,
-           images: np.ndarray) -> dict[str, float]:
+           images: np.ndarray, seed: int) -> dict[str, float]:
     """One split's epoch metrics: the losses of every image, reconstruction quality and
     active units on the first report.epoch_metrics_images, and the seconds it took."""
     config, start = run.config, time.time()
@@ -432,7 +433,8 @@ def _score(run: Run, program: Program, params, beta: float, inputs: np.ndarray,
                               parallel.local_devices(config.runtime.num_devices))
     if config.report.epoch_metrics_images:
         metrics.update(evaluate.epoch_image_metrics(
-            program.model, params, config, images[:config.report.epoch_metrics_images]))
+            program.model, params, config, images[:config.report.epoch_metrics_images],
+            seed))
     return {**metrics, "eval_seconds": time.time() - start}
 
 

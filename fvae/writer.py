@@ -24,6 +24,12 @@ BOOKKEEPING_KEYS = ("split", "epoch", "step", "wall_time")
 
 
 def jsonable(value: Any) -> Any:
+    """A value JSON can hold: numpy scalars as Python ones, NaN/inf as strings, nested
+    lists and dicts likewise."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

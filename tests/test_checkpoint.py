@@ -224,7 +224,7 @@ def test_a_checkpoint_of_another_format_version_is_refused_not_moved(make_config
     assert meta.step == 8
     rewrite_meta(step_dir, format=None)
     with pytest.raises(checkpoint.CheckpointError, match="format version 1; this fvae "
-                       "reads version 2 only"):
+                       "reads version 3 only"):
         train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match="format version 1"):
         runs.load_checkpoint(tmp_path)

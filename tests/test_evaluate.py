@@ -15,7 +15,7 @@ EVAL_KEYS = {"elbo", "nll_recon", "kl", "kl_per_dim", "active_units", "iwae_nll"
              "iwae_samples", "iwae_num_images", "fd_num_samples", "iwae_seconds",
              "eval_seconds", "eval_settings", "checkpoint_step", "selection", "iwae_nll_se",
              "iwae_by_k", "iwae_elbo", "iwae_ess_mean", "iwae_ess_p5", "iwae_levelled_off",
-             "provenance"}
+             "iwae_last_gain", "iwae_last_gain_se", "provenance"}
 QUICK_EVAL = {"eval.iwae_samples": 40, "eval.iwae_decode_batch": 64,
               "eval.classifier_epochs": 2, "eval.probe_steps": 50}
 
@@ -244,9 +244,21 @@ def test_k_ladder_and_the_summary_of_the_draws():
     assert summary["iwae_nll_se"] == pytest.approx(by_k[:, 1].std(ddof=1) / 20)
     assert [row["k"] for row in summary["iwae_by_k"]] == [1, 10]
     assert summary["iwae_ess_p5"] == pytest.approx(np.percentile(draws["ess"], 5))
-    assert not summary["iwae_levelled_off"]  # moved ~5 nats, standard error ~0.05
-    by_k[:, 0] = by_k[:, 1] + 0.001
-    assert evaluate.iwae_summary({**draws, "log_px_by_k": by_k}, 10)["iwae_levelled_off"]
+    gain = by_k[:, 1] - by_k[:, 0]
+    assert summary["iwae_last_gain"] == pytest.approx(gain.mean())
+    assert summary["iwae_last_gain_se"] == pytest.approx(gain.std(ddof=1) / 20)
+    assert not summary["iwae_levelled_off"]  # gained ~5 nats, standard error ~0.07
+    # A gain far inside the spread over images but outside its own (paired) error:
+    # still moving. (The over-images standard error, ~0.05 here, would not say so.)
+    spread = np.stack([-100 - 10 * rng.normal(size=400)] * 2, 1) + [[0, 0.5]]
+    assert not evaluate.iwae_summary({**draws, "log_px_by_k": spread}, 10)["iwae_levelled_off"]
+    level = by_k.copy()
+    level[:, 0] = by_k[:, 1] + rng.normal(scale=0.01, size=400)  # noise only
+    assert evaluate.iwae_summary({**draws, "log_px_by_k": level}, 10)["iwae_levelled_off"]
+    one = {k: v[:1] for k, v in draws.items()}  # one image: no standard error, no verdict
+    assert evaluate.iwae_summary(one, 10)["iwae_levelled_off"] is None
+    assert evaluate.iwae_summary({**draws, "log_px_by_k": by_k[:, :1]}, 1)[
+        "iwae_levelled_off"] is None
 
 
 # ---- binarisation --------------------------------------------------------------

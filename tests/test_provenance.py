@@ -14,7 +14,7 @@ def test_the_record_names_the_code_libraries_machine_and_command():
     assert set(record) == {"time", "command", "code", "versions", "machine"}
     head = subprocess.run(["git", "-C", str(provenance.SOURCE_DIR), "rev-parse", "HEAD"],
                           capture_output=True, text=True)
-    if head.returncode == 0:  # a git checkout (CI, development)
+    if head.returncode == 0 and (provenance.SOURCE_DIR / ".git").exists():  # a checkout
         assert record["code"]["commit"] == head.stdout.strip()
         assert isinstance(record["code"]["dirty"], bool)
     else:  # an installed fvae
@@ -45,3 +45,14 @@ def test_differences_name_what_differs():
     assert any(f.startswith("code commit differs: one: abc, two: def") for f in found)
     assert any(f.startswith("jax version differs") for f in found)
     assert provenance.differences({"one": a, "two": a}) == []
+
+
+def test_a_git_repository_around_an_installed_fvae_is_not_its_code(tmp_path, monkeypatch):
+    """site-packages inside a project's git checkout (a .venv): that repository's
+    commit says nothing about fvae's code; the installed version does."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    site = tmp_path / ".venv" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(provenance, "SOURCE_DIR", site)
+    found = provenance.code()
+    assert found["commit"] is None and "version" in found

@@ -98,6 +98,9 @@ def test_only_a_run_trained_and_evaluated_as_configured_counts_as_done(tmp_path,
     run = tmp_path / "run"
     train.write_config(config, run)
     (run / "eval.json").write_text(json.dumps({"eval_settings": configs.flatten(config.eval)}))
+    assert not sweep.evaluated(run, config)  # an earlier fvae's: not chosen on validation
+    (run / "eval.json").write_text(json.dumps({"eval_settings": configs.flatten(config.eval),
+                                               "selection": {"validation_elbo": 400.0}}))
     assert sweep.evaluated(run, config)
     moved = config.copy_and_resolve_references()
     moved.data.dir = str(tmp_path / "elsewhere")  # where the data are is not the run
