@@ -29,15 +29,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from fvae import configs
 
+
 def _length_sets_a_schedule(flat: dict[str, Any]) -> bool:
     """Whether the run's length shapes its schedules (so extending it changes them)."""
     return flat.get("optim.lr_schedule") != "constant" or (
         flat.get("loss.beta_schedule") == "cyclical" and not flat.get("loss.cycle_steps"))
 
 
-# The layout of what a checkpoint holds (the tree and its meta). Version 2: the config
-# has a `runtime` block, and a run that ends mid-epoch saves its epoch sums unreset.
-# 2: no model knowledge in the checkpoint; 3: best chosen on a validation split
+# The layout of what a checkpoint holds (the tree and its meta). 1 (5ce2280 and before)
+# recorded no version; 2: the config has `runtime` and `report` blocks, and a run that
+# ends mid-epoch saves its epoch sums unreset; 3: the best checkpoint is chosen on a
+# validation split (its meta records `validation_elbo`).
 FORMAT_VERSION = 3
 
 

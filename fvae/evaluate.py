@@ -234,9 +234,9 @@ def iwae_bound(log_w: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(log_w, axis=0) - jnp.log(log_w.shape[0])
 
 
-# A bound that gains no more than this between the last two K (and no more than the
-# standard error of the gain) has levelled off: a tenth of a nat per image is below
-# what any comparison in the study turns on.
+# A bound whose gain between the last two K is within the standard error of that gain,
+# or within this many nats, has levelled off: a tenth of a nat per image is below what
+# any comparison in the study turns on.
 LEVELLED_OFF_NATS = 0.1
 
 
@@ -431,14 +431,15 @@ def probe_accuracy(train_z: np.ndarray, train_labels: np.ndarray, test_z: np.nda
 
 # ---------------------------------------------------------------- entry points
 def epoch_image_metrics(model: models.VAE, params, config: ml_collections.ConfigDict,
-                        images: np.ndarray, seed: int = binarize.TEST_SEED
+                        images: np.ndarray, inputs: np.ndarray | None = None
                         ) -> dict[str, float]:
     """active_units, recon_mse, psnr, ssim and sharpness: one encode-decode pass, for
-    logging every epoch (same protocol and names as eval.json; `seed`: the split's fixed
-    binarisation, for data.binarize='dynamic'). Deterministic."""
+    logging every epoch (same protocol and names as eval.json). `inputs`: what the model
+    sees of `images`, as model_inputs makes them (the default: the test set's).
+    Deterministic."""
     originals = images.astype(np.float32) / 255.0
-    mean, _, recons = posterior_pass(model, parallel.host_local(params), config.loss,
-                                     model_inputs(config, images, seed),
+    inputs = model_inputs(config, images) if inputs is None else inputs
+    mean, _, recons = posterior_pass(model, parallel.host_local(params), config.loss, inputs,
                                      config.runtime.eval_batch_size,
                                      devices=parallel.local_devices(config.runtime.num_devices))
     return {"active_units": active_units(mean), **image_metrics(originals, recons)}
@@ -450,7 +451,7 @@ def iwae_summary(draws: dict[str, np.ndarray], num_samples: int) -> dict:
     k_ladder(K), the negative ELBO of the same images and draws, the effective sample
     size (mean, 5th percentile over images), and whether the bound has levelled off:
     its gain between the last two k (same images, same draws, so paired) within the
-    standard error of that gain. (The spread over images, iwae_nll_se, is far wider
+    standard error of that gain or LEVELLED_OFF_NATS. (The spread over images, iwae_nll_se, is far wider
     than the Monte Carlo error of a change in K, and would hide a bound still falling.)"""
     n = len(draws["log_px"])
     se = lambda x: float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")  # noqa
@@ -511,9 +512,10 @@ def full_evaluation(model: models.VAE, params, config: ml_collections.ConfigDict
     if results["iwae_levelled_off"] is False:
         (last, prev) = results["iwae_by_k"][-1], results["iwae_by_k"][-2]
         logging.warning("the IWAE bound still moves: %.3f nats from K=%d to K=%d, more than "
-                        "the standard error of that change (%.3f); raise eval.iwae_samples "
-                        "for a tighter bound", results["iwae_last_gain"], prev["k"],
-                        last["k"], results["iwae_last_gain_se"])
+                        "the standard error of that change (%.3f) and %g nats; raise "
+                        "eval.iwae_samples for a tighter bound", results["iwae_last_gain"],
+                        prev["k"], last["k"], results["iwae_last_gain_se"],
+                        LEVELLED_OFF_NATS)
     if config.loss.likelihood not in NATS_ONLY_LIKELIHOODS:
         results["iwae_bpd"] = results["iwae_nll"] / (losses.NUM_PIXELS * math.log(2))
 

@@ -90,9 +90,7 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
     results["provenance"] = provenance.record(config)
     path = pathlib.Path(workdir) / "eval.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: [jsonable(x) for x in v] if isinstance(v, list)
-                               else jsonable(v) for k, v in results.items()},
-                              indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(jsonable(results), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)  # the numbers first: a figure that fails loses none of them
     from fvae import plots  # here: importing fvae.runs must not set matplotlib's backend
     plots.iwae_vs_k(results["iwae_by_k"], pathlib.Path(workdir) / "figures" / "iwae_vs_k.png",

@@ -103,8 +103,9 @@ class Program:
     config: ml_collections.ConfigDict
     dp: parallel.DataParallel
     dataset: data.Dataset
-    validation_inputs: np.ndarray  # what checkpoints are selected on (and the test set's,
-    test_inputs: np.ndarray  # for report.epoch_test_metrics): binarised once if dynamic
+    # What each epoch is scored on, by split (binarised once if dynamic): validation,
+    # which selects the checkpoint, and test only for report.epoch_test_metrics.
+    eval_inputs: dict[str, np.ndarray]
     schedule: Schedule
     model: models.VAE
     beta_schedule: Callable[[jax.Array], jax.Array]
@@ -212,10 +213,12 @@ def build_program(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
     train_step = make_train_step(model, config.loss, beta_schedule,
                                  skip_nonfinite=config.train.on_nonfinite == "skip",
                                  binarize_inputs=dynamic)
+    eval_inputs = {"validation": evaluate.model_inputs(config, dataset.validation_images,
+                                                       binarize.VALIDATION_SEED)}
+    if config.report.epoch_test_metrics:
+        eval_inputs["test"] = evaluate.model_inputs(config, dataset.test_images)
     return Program(
-        config, dp, dataset,
-        evaluate.model_inputs(config, dataset.validation_images, binarize.VALIDATION_SEED),
-        evaluate.model_inputs(config, dataset.test_images), schedule, model, beta_schedule,
+        config, dp, dataset, eval_inputs, schedule, model, beta_schedule,
         make_train_chunk(train_step, config.train.batch_size, schedule.steps_per_epoch, dp,
                          num_seeds),
         make_eval_step(model, config.loss),
@@ -290,13 +293,13 @@ def _open_logs(runs: list[Run], schedule: Schedule, step: int) -> None:
     trimmed is set aside."""
     keep_from = schedule.log_resume_step(step) if step else None
     primary = jax.process_index() == 0  # of a multi-host job, one process writes files
-    for run in runs:
+    session = {**provenance.record(runs[0].config), "start_step": step} if primary else None
+    for run in runs:  # (seeds trained together share the session: configs differ in seed)
         if keep_from is not None and keep_from < step and run.ckpt is not None:
             run.ckpt.set_aside_best_between(keep_from, step)
         if primary:
             write_config(run.config, run.workdir)
-            provenance.append(run.workdir, {**provenance.record(run.config),
-                                            "start_step": step})
+            provenance.append(run.workdir, session)
         run.writer = MetricsWriter(run.workdir, resume_step=keep_from,
                                    tensorboard=run.config.report.tensorboard, primary=primary)
 
@@ -406,12 +409,8 @@ def _log_epoch(run: Run, program: Program, state: TrainState, train_metrics: dic
                       "images_per_sec": images_per_sec})
     beta_now = float(program.beta_schedule(step - 1))
     params = parallel.host_local(state.params)
-    scored = {"validation": _score(run, program, params, beta_now, program.validation_inputs,
-                                   program.dataset.validation_images,
-                                   binarize.VALIDATION_SEED)}
-    if config.report.epoch_test_metrics:
-        scored["test"] = _score(run, program, params, beta_now, program.test_inputs,
-                                program.dataset.test_images, binarize.TEST_SEED)
+    scored = {split: _score(run, program, params, beta_now, split)
+              for split in program.eval_inputs}
     for split, metrics in scored.items():
         run.writer.write({"split": split, **common, **metrics, "beta": beta_now})
     validation = scored["validation"]
@@ -423,18 +422,18 @@ def _log_epoch(run: Run, program: Program, state: TrainState, train_metrics: dic
               f"{validation['elbo']:.2f} nats, step {step}, {images_per_sec:.0f} img/s")
 
 
-def _score(run: Run, program: Program, params, beta: float, inputs: np.ndarray,
-           images: np.ndarray, seed: int) -> dict[str, float]:
+def _score(run: Run, program: Program, params, beta: float, split: str) -> dict[str, float]:
     """One split's epoch metrics: the losses of every image, reconstruction quality and
     active units on the first report.epoch_metrics_images, and the seconds it took."""
     config, start = run.config, time.time()
+    inputs, n = program.eval_inputs[split], config.report.epoch_metrics_images
     metrics = evaluate_losses(program.eval_step, params, inputs,
                               config.runtime.eval_batch_size, run.keys.eval, beta,
                               parallel.local_devices(config.runtime.num_devices))
-    if config.report.epoch_metrics_images:
-        metrics.update(evaluate.epoch_image_metrics(
-            program.model, params, config, images[:config.report.epoch_metrics_images],
-            seed))
+    if n:
+        images = getattr(program.dataset, f"{split}_images")[:n]
+        metrics.update(evaluate.epoch_image_metrics(program.model, params, config, images,
+                                                    inputs[:n]))
     return {**metrics, "eval_seconds": time.time() - start}
 
 
