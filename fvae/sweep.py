@@ -60,7 +60,14 @@ def _warmup(value: str, sweep) -> dict[str, Any]:
     raise configs.ConfigError(f"sweep warmup {value!r} is invalid: expected 'on' or 'off'")
 
 
+def _experiment(value: str, sweep) -> dict[str, Any]:
+    experiment_file(value, sweep)  # (named before any work if it does not exist)
+    return configs.flatten((sweep.get("overrides_by_experiment") or {}).get(value, {}))
+
+
 AXES: dict[str, Callable[[Any, Any], dict[str, Any]]] = {
+    # an experiment file of the sweep's experiments_dir, by name: the point's base
+    "experiment": _experiment,
     "likelihood": _likelihood,
     "beta": lambda v, sweep: {"loss.beta": float(v)},
     "latent": lambda v, sweep: {"model.latent_dim": int(v)},
@@ -100,20 +107,39 @@ def grid(sweep: ml_collections.ConfigDict) -> list[Point]:
     return points
 
 
-def point_config(sweep: ml_collections.ConfigDict, point: Point, seed: int
-                 ) -> ml_collections.ConfigDict:
-    """The full, validated config of one run: base experiment, sweep overrides, point."""
+def experiment_file(name: str, sweep: ml_collections.ConfigDict) -> pathlib.Path:
+    """experiments_dir/<name>.py (the `experiment` axis's values name files there)."""
+    path = pathlib.Path(sweep.get("experiments_dir", "experiments")) / f"{name}.py"
+    if not path.exists():
+        raise configs.ConfigError(f"sweep experiment {name!r}: {path} does not exist. Name a "
+                                  "file of sweep.experiments_dir, without '.py'.")
+    return path
+
+
+def point_base(sweep: ml_collections.ConfigDict, point: Point) -> pathlib.Path:
+    """The point's experiment file: its `experiment` axis value, else sweep.base."""
+    values = dict(point.values)
+    if "experiment" in values:
+        return experiment_file(values["experiment"], sweep)
     if not pathlib.Path(sweep.base).exists():
         raise configs.ConfigError(f"sweep.base={sweep.base!r} does not exist: give a path to "
                                   "an experiment file, relative to where the sweep is run "
                                   "(the repository root for experiments/...).")
-    config = configs.load_config_file(sweep.base)
+    return pathlib.Path(sweep.base)
+
+
+def point_config(sweep: ml_collections.ConfigDict, point: Point, seed: int
+                 ) -> ml_collections.ConfigDict:
+    """The full, validated config of one run: base experiment, sweep overrides, point."""
+    base = point_base(sweep, point)
+    config = configs.load_config_file(base)
     overrides = {**configs.flatten(sweep.overrides), **point.overrides}
     configs.check_keys(overrides)  # a typo or a moved key, named before any work
     for key, value in overrides.items():
         configs.set_key(config, key, value)
     config.seed = int(seed)
-    config.name = f"{pathlib.Path(sweep.base).stem}[{point.name}]"
+    rest = ",".join(f"{a}={v}" for a, v in point.values if a != "experiment")
+    config.name = base.stem + (f"[{rest}]" if rest else "")
     return configs.validate(config)
 
 
@@ -176,24 +202,44 @@ def set_aside_shorter_evaluation(workdir: pathlib.Path, config: ml_collections.C
         path.replace(workdir / "eval.shorter_run.json")
 
 
+def run_configs(sweep: ml_collections.ConfigDict, data_dir: str | None = None,
+                progress: bool = True) -> list[list[ml_collections.ConfigDict]]:
+    """Every run's config, by point and seed (data_dir overrides data.dir)."""
+    seeds = list(sweep.seeds)
+    if len(set(seeds)) != len(seeds):
+        raise configs.ConfigError(f"sweep.seeds={tuple(seeds)} repeats a seed: list each once")
+    by_point = [[point_config(sweep, p, s) for s in seeds] for p in grid(sweep)]
+    for config in itertools.chain(*by_point):
+        config.data.dir = data_dir or config.data.dir
+        config.report.progress_bar = progress
+    return by_point
+
+
+def left_to_run(sweep: ml_collections.ConfigDict, sweep_dir: pathlib.Path,
+                configs_by_point) -> list[ml_collections.ConfigDict]:
+    """The runs' configs not yet evaluated with the sweep's settings."""
+    return [c for p, cs in zip(grid(sweep), configs_by_point) for c in cs
+            if not evaluated(run_dir(sweep_dir, p, c.seed), c)]
+
+
 def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
-              data_dir: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+              data_dir: str | None = None, progress: bool = True, estimate: bool = True
+              ) -> list[dict[str, Any]]:
     """Trains and evaluates every (point, seed) not yet evaluated with the sweep's eval
-    settings (training resumes or, if finished, returns at once); writes the results."""
+    settings (training resumes or, if finished, returns at once); writes the results.
+    First, with `estimate`, it logs the measured cost of what is left (write_estimate)."""
     from fvae import runs, train
 
     sweep_dir = pathlib.Path(sweep_dir)
     points = grid(sweep)
     seeds = list(sweep.seeds)
-    if len(set(seeds)) != len(seeds):
-        raise configs.ConfigError(f"sweep.seeds={tuple(seeds)} repeats a seed: list each once")
     together = vmap_seeds(sweep)  # (checked before anything is written)
-    configs_by_point = [[point_config(sweep, p, s) for s in seeds] for p in points]
-    for config in itertools.chain(*configs_by_point):
-        config.data.dir = data_dir or config.data.dir
-        config.report.progress_bar = progress
+    configs_by_point = run_configs(sweep, data_dir, progress)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(sweep.to_json(indent=2, sort_keys=True) + "\n")
+    left = left_to_run(sweep, sweep_dir, configs_by_point)
+    if left and estimate:
+        write_estimate(sweep_dir, left)
     for i, (point, point_configs) in enumerate(zip(points, configs_by_point)):
         todo = [(c, run_dir(sweep_dir, point, c.seed)) for c in point_configs]
         todo = [(c, w) for c, w in todo if not evaluated(w, c)]
@@ -215,6 +261,50 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
     write_results(sweep_dir, rows)
     write_sweep_figures(sweep_dir, points, sweep.seeds)
     return rows
+
+
+# Fashion-MNIST's images; an estimate assumes them (data.limit_* make them fewer).
+NUM_TRAIN, NUM_TEST = 60_000, 10_000
+EVAL_COST = 1 / 3  # a forward pass of an image, in training steps' time (no backward)
+
+
+def estimate_seconds(run_configs: Sequence[ml_collections.ConfigDict]) -> dict[str, Any]:
+    """The sweep's cost on this machine, before it trains: every run's training images,
+    validation passes and IWAE draws, at the training images/s and IWAE draws/s measured
+    here for each distinct model (fvae.bench.training.throughput, a few seconds each).
+    Whole runs are counted (resumed ones too); the classifier and plots are not."""
+    from fvae.bench import training as bench
+
+    rates, runs_ = {}, []
+    for c in run_configs:
+        key = (c.model.to_json(sort_keys=True), c.train.batch_size)
+        if key not in rates:
+            rates[key] = bench.throughput(c)
+        rate = rates[key]
+        train = min(c.data.limit_train or NUM_TRAIN, NUM_TRAIN - c.data.validation_size)
+        images = c.train.num_steps * c.train.batch_size or c.train.num_epochs * train
+        epochs = images / train
+        test = min(c.data.limit_test or NUM_TEST, c.eval.iwae_num_images or NUM_TEST)
+        seconds = (images + EVAL_COST * epochs * c.data.validation_size) / \
+            rate["train_images_per_sec"] + c.eval.iwae_samples * test / rate["iwae_draws_per_sec"]
+        runs_.append({"name": c.name, "seed": c.seed, "train_images": images,
+                      "iwae_draws": c.eval.iwae_samples * test, "seconds": seconds, **rate})
+    return {"runs": runs_, "seconds": sum(r["seconds"] for r in runs_)}
+
+
+def write_estimate(sweep_dir: pathlib.Path, run_configs) -> dict[str, Any]:
+    """Logs the estimate and writes it to sweep_dir/estimate.json."""
+    from fvae import provenance
+    estimate = {**estimate_seconds(run_configs), "provenance": provenance.record()}
+    (sweep_dir / "estimate.json").write_text(json.dumps(estimate, indent=2) + "\n")
+    for r in estimate["runs"]:
+        logging.info("estimate: %s seed %d: %.0f training images at %.0f images/s, %.0f IWAE "
+                     "draws at %.0f/s: %.1f min", r["name"], r["seed"], r["train_images"],
+                     r["train_images_per_sec"], r["iwae_draws"], r["iwae_draws_per_sec"],
+                     r["seconds"] / 60)
+    logging.info("estimate: %d runs left, about %.1f hours on this machine",
+                 len(estimate["runs"]), estimate["seconds"] / 3600)
+    return estimate
 
 
 def summarize(sweep_dir: pathlib.Path, points: Sequence[Point], seeds: Sequence[int]
@@ -329,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config_flags.DEFINE_config_file("config", None, "Sweep config (experiments/ablation.py:quick).")
     flags.DEFINE_string("sweep_dir", None, "Directory for every run of the sweep.")
     flags.DEFINE_string("data_dir", None, "Overrides data.dir of every run.")
+    flags.DEFINE_bool("estimate_only", False, "Measure and log the cost of the runs left "
+                      "(sweep_dir/estimate.json); train nothing.")
     flags.mark_flags_as_required(["config", "sweep_dir"])
 
     def run(_):
@@ -339,6 +431,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             cpu.restart_with_huge_pages(first.runtime)  # first: it starts this process over
         logs.show_own_info()
         cpu.setup(first.runtime, (first.train.batch_size, first.runtime.eval_batch_size))
+        if flags.FLAGS.estimate_only:
+            sweep_dir = pathlib.Path(flags.FLAGS.sweep_dir)
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            left = left_to_run(sweep_config, sweep_dir,
+                               run_configs(sweep_config, flags.FLAGS.data_dir))
+            write_estimate(sweep_dir, left)
+            return
         run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)
         print((pathlib.Path(flags.FLAGS.sweep_dir) / "results.md").read_text())
         # (returning anything else would become the exit status)

@@ -236,6 +236,25 @@ def time_iwae(model, config, spec: dict[str, Any]) -> dict[str, Any]:
             "iwae_useful_gflops": 2 * macs / seconds / 1e9}
 
 
+def throughput(config, steps: int = 6, iwae_samples: int = 100) -> dict[str, float]:
+    """This machine's training images/s and IWAE draws/s for the config's model, batch
+    size, devices and kernels (a few steps on random images, after compiling): what a
+    sweep's cost estimate rests on. Call after cpu.setup, as training does."""
+    from fvae import parallel, train
+
+    dp = parallel.make_data_parallel(config.runtime.num_devices,
+                                     config.runtime.cross_device_reduce)
+    model = train.training_model(config, dp)
+    spec = {"seeds": 1, "batch_size": config.train.batch_size, "steps_per_dispatch": 1,
+            "num_images": 4 * config.train.batch_size, "iwae_samples": iwae_samples,
+            "iwae_images": 8}
+    chunk, state, inputs, per_call = _step_inputs(config, spec, dp, model)
+    seconds, calls, _, _ = _time_chunk(chunk, state, inputs, per_call, steps)
+    iwae = time_iwae(model, config, spec)
+    return {"train_images_per_sec": calls * per_call * config.train.batch_size / seconds,
+            "iwae_draws_per_sec": iwae["iwae_draws_per_sec"]}
+
+
 EPOCHS_RUN = 3  # the first compiles; the period from the second's end to the third's is timed
 
 
