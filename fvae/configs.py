@@ -294,12 +294,27 @@ def check_override_flags(argv: list[str], flag: str = "config") -> None:
     check_keys(m.group(1) for m in map(override.match, argv) if m)
 
 
+# The values validate has passed in this process (as sorted JSON), so that a config is
+# checked once: by whoever made it (launch.py, the sweep), and not again by train.
+_VALIDATED: set[str] = set()
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad key; returns the config unchanged."""
     check_keys(flatten(config))
     for check in (_validate_data_and_model, _validate_loss, _validate_optim,
                   _validate_train_and_runtime, _validate_checkpoint_and_eval):
         check(config)
+    _VALIDATED.add(config.to_json(sort_keys=True))
+    return config
+
+
+def ensure_valid(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """validate(config), unless this very value has passed validate already. What train
+    calls: a config made by launch.py or a sweep is not checked twice, and one a library
+    caller built, or changed after validating it, is checked before any work."""
+    if config.to_json(sort_keys=True) not in _VALIDATED:
+        validate(config)
     return config
 
 

@@ -203,15 +203,17 @@ def set_aside_shorter_evaluation(workdir: pathlib.Path, config: ml_collections.C
 
 
 def run_configs(sweep: ml_collections.ConfigDict, data_dir: str | None = None,
-                progress: bool = True) -> list[list[ml_collections.ConfigDict]]:
-    """Every run's config, by point and seed (data_dir overrides data.dir)."""
+                progress: bool | None = None) -> list[list[ml_collections.ConfigDict]]:
+    """Every run's config, by point and seed (data_dir overrides data.dir, and progress,
+    if given, report.progress_bar)."""
     seeds = list(sweep.seeds)
     if len(set(seeds)) != len(seeds):
         raise configs.ConfigError(f"sweep.seeds={tuple(seeds)} repeats a seed: list each once")
     by_point = [[point_config(sweep, p, s) for s in seeds] for p in grid(sweep)]
     for config in itertools.chain(*by_point):
         config.data.dir = data_dir or config.data.dir
-        config.report.progress_bar = progress
+        if progress is not None:
+            config.report.progress_bar = progress
     return by_point
 
 
@@ -223,7 +225,8 @@ def left_to_run(sweep: ml_collections.ConfigDict, sweep_dir: pathlib.Path,
 
 
 def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
-              data_dir: str | None = None, progress: bool = True, estimate: bool = True
+              data_dir: str | None = None, progress: bool | None = None,
+              estimate: bool = True
               ) -> list[dict[str, Any]]:
     """Trains and evaluates every (point, seed) not yet evaluated with the sweep's eval
     settings (training resumes or, if finished, returns at once); writes the results.
@@ -256,7 +259,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str | pathlib.Path,
             for config, workdir in todo:
                 train.train_and_evaluate(config, str(workdir))
         for config, workdir in todo:
-            runs.evaluate_run(workdir, "best", config=config, progress=progress)
+            runs.evaluate_run(workdir, "best", config=config,
+                              progress=config.report.progress_bar)
     rows = summarize(sweep_dir, points, sweep.seeds)
     write_results(sweep_dir, rows)
     write_sweep_figures(sweep_dir, points, sweep.seeds)

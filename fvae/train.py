@@ -177,7 +177,7 @@ def check_group(run_configs: Sequence[ml_collections.ConfigDict],
     if len({pathlib.Path(w).resolve() for w in workdirs}) != len(workdirs):
         raise ValueError(f"runs trained together need one workdir each, got {workdirs}")
     for c in run_configs:
-        configs.validate(c)
+        configs.ensure_valid(c)
     flat = [configs.flatten(c) for c in run_configs]
     for other in flat[1:]:
         differ = sorted(k for k in set(flat[0]) | set(other)

@@ -5,7 +5,7 @@ from fvae import configs, train
 
 # Every experiment file but the sweep configs (tested in test_sweep.py).
 EXPERIMENTS = sorted(p for p in (pathlib.Path(__file__).parent.parent / "experiments").glob("*.py")
-                     if p.stem != "ablation")
+                     if p.stem not in ("ablation", "study"))
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
@@ -120,3 +120,19 @@ def test_a_config_saved_by_an_earlier_fvae_reads_with_its_keys_moved():
     assert (config.runtime.cpu_devices, config.report.progress_bar,
             config.runtime.eval_batch_size) == (2, False, 500)
     configs.validate(config)
+
+
+def test_a_config_is_validated_once(make_config, tmp_path, monkeypatch):
+    calls = []
+    original = configs._validate_loss
+    monkeypatch.setattr(configs, "_validate_loss", lambda c: calls.append(1) or original(c))
+    config = configs.validate(make_config())
+    train.check_group([config], [tmp_path / "run"])  # what train calls first
+    assert len(calls) == 1  # launch.py validated it; train did not again
+    config.loss.beta = -1.0  # changed after validating: checked again, before any work
+    with pytest.raises(configs.ConfigError, match="loss.beta"):
+        train.check_group([config], [tmp_path / "run"])
+    fresh = make_config()  # a library caller's config, never validated
+    fresh.optim.learning_rate = 0.0
+    with pytest.raises(configs.ConfigError, match="optim.learning_rate"):
+        train.check_group([fresh], [tmp_path / "run"])

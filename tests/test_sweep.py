@@ -152,3 +152,62 @@ def test_vmap_seeds_defaults_to_accelerators_only(tmp_path, tiny_data_dir):
     s.vmap_seeds = "yes"
     with pytest.raises(configs.ConfigError, match="sweep.vmap_seeds='yes'"):
         sweep.vmap_seeds(s)
+
+
+@pytest.mark.parametrize("preset,num_points", [("cpu", 6), ("gpu", 6), ("rate_distortion", 12)])
+def test_study_presets_expand_to_valid_configs(preset, num_points, monkeypatch):
+    import pathlib
+    monkeypatch.chdir(pathlib.Path(__file__).parent.parent)  # experiments_dir is relative
+    s = __import__("experiments.study", fromlist=["get_config"]).get_config(preset)
+    points = sweep.grid(s)
+    assert len(points) == num_points
+    by_name = {sweep.point_config(s, p, s.seeds[-1]).name: sweep.point_config(s, p, 0)
+               for p in points}
+    if preset == "rate_distortion":
+        return
+    # each point is its experiment file as the file defines it, plus the sweep's length
+    for name, config in by_name.items():
+        own = configs.load_config_file(pathlib.Path("experiments") / f"{name}.py")
+        assert (config.model.to_dict(), config.loss.to_dict()) == \
+            (own.model.to_dict(), own.loss.to_dict()), name
+    assert by_name["sharp_bce"].train.num_epochs == (10 if preset == "cpu" else 50)
+    assert by_name["binarized_nll"].eval.iwae_samples >= 1000  # the paper's number
+    assert by_name["sharp_bce"].eval.iwae_samples == 100
+
+
+def test_experiment_axis_names_files_and_takes_their_overrides(tmp_path, tiny_data_dir):
+    s = tiny_sweep(tmp_path, tiny_data_dir)
+    write_experiment(tmp_path / "other.py", tiny_data_dir, **{"loss.beta": 0.5})
+    s.experiments_dir = str(tmp_path)
+    s.axes = ml_collections.ConfigDict({"experiment": ("tiny", "other"), "latent": (3,)})
+    s.overrides_by_experiment = ml_collections.ConfigDict({"other": {"loss": {"beta": 0.25}}})
+    first, second = (sweep.point_config(s, p, 0) for p in sweep.grid(s))
+    assert (first.name, first.loss.beta, first.model.latent_dim) == ("tiny[latent=3]", 1.0, 3)
+    assert (second.name, second.loss.beta) == ("other[latent=3]", 0.25)
+    s.axes.experiment = ("missing",)
+    with pytest.raises(configs.ConfigError, match="missing.py does not exist"):
+        sweep.grid(s)
+
+
+def test_the_estimate_counts_every_image_and_draw(tmp_path, tiny_data_dir, monkeypatch):
+    from fvae.bench import training as bench
+    monkeypatch.setattr(bench, "throughput", lambda c: {"train_images_per_sec": 100.0,
+                                                        "iwae_draws_per_sec": 1000.0})
+    s = tiny_sweep(tmp_path, tiny_data_dir)
+    config = sweep.point_config(s, sweep.grid(s)[0], 0)
+    config.data.limit_train, config.data.limit_test = 1000, 500
+    config.eval.iwae_num_images, config.eval.iwae_samples = 0, 10
+    estimate = sweep.write_estimate(tmp_path, [config])
+    validation = config.data.validation_size  # one forward pass per epoch
+    expected = (2 * 1000 + sweep.EVAL_COST * 2 * validation) / 100 + 10 * 500 / 1000
+    assert estimate["seconds"] == pytest.approx(expected)
+    assert json.loads((tmp_path / "estimate.json").read_text())["runs"][0]["train_images"] == 2000
+
+
+def test_the_estimate_measures_this_machine(tmp_path, tiny_data_dir):
+    s = tiny_sweep(tmp_path, tiny_data_dir)
+    config = sweep.point_config(s, sweep.grid(s)[0], 0)
+    config.train.batch_size = 8
+    rates = __import__("fvae.bench.training", fromlist=["x"]).throughput(config, steps=2,
+                                                                        iwae_samples=4)
+    assert rates["train_images_per_sec"] > 0 and rates["iwae_draws_per_sec"] > 0
