@@ -12,6 +12,7 @@ import importlib.util
 import math
 import re
 import os
+import pathlib
 
 import ml_collections
 from ml_collections import config_dict
@@ -34,15 +35,20 @@ CPU_CONV3X3 = ("fvae", "xla")  # see fvae/cpu/__init__.py
 # What may change when a run resumes follows from the block: how to compute (runtime),
 # report, save or evaluate, not what is trained. Beyond them only the run's name and
 # where the data comes from (its checksums are checked, whatever the path).
-RESUMABLE_BLOCKS = ("runtime", "report", "checkpoint", "eval")
+RESUMABLE_BLOCKS = ("runtime", "report", "logging", "checkpoint", "eval")
 RESUMABLE_KEYS = ("name", "data.dir", "data.download", "data.verify_checksums")
 # Keys an earlier fvae had, and where they live now (for the error an old command gets).
 MOVED_KEYS = {**{f"train.{k}": f"runtime.{k}" for k in (
     "num_devices", "steps_per_dispatch", "cross_device_reduce", "cpu_devices",
     "cpu_convolutions", "cpu_conv3x3", "huge_pages", "eval_batch_size")},
     **{f"train.{k}": f"report.{k}" for k in (
-        "log_every_steps", "progress_bar", "num_figure_images", "tensorboard",
-        "epoch_metrics_images")}}
+        "log_every_steps", "progress_bar", "num_figure_images", "epoch_metrics_images")},
+    "train.tensorboard": "logging.writers", "report.tensorboard": "logging.writers"}
+# How a moved key's old value reads in its new home, where the value changed shape.
+MOVED_VALUES = {"logging.writers": lambda on: ("tensorboard",) if on else ()}
+WRITERS = ("tensorboard", "wandb", "mlflow")  # fvae/writer.py; the extras they need:
+WRITER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX"),
+                   "wandb": ("wandb", "fvae[wandb]"), "mlflow": ("mlflow", "fvae[mlflow]")}
 # The length of training: resumable (a longer run extends a shorter one) unless a
 # schedule is shaped by it.
 LENGTH_KEYS = ("train.num_epochs", "train.num_steps")
@@ -134,7 +140,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.report.progress_bar = True
     c.report.num_figure_images = 16  # per figure, at the end of training; 0: no figures
     # (`launch.py --mode plot` draws them from the checkpoint later)
-    c.report.tensorboard = True  # also write workdir/tensorboard/ event files
     c.report.epoch_test_metrics = False  # also log test-set lines each epoch (they never
     # select anything; `launch.py --mode eval` reports the test set once, at the end)
     c.report.epoch_metrics_images = 1000  # images for per-epoch SSIM etc.; 0: off
@@ -156,6 +161,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     # or 'xla'; see fvae.cpu
     c.runtime.huge_pages = True  # glibc's malloc asks for transparent huge pages (Linux;
     # launch.py restarts itself once to set it); see fvae.cpu
+
+    # Experiment trackers beside workdir/metrics.jsonl (which is always written).
+    c.logging = ml_collections.ConfigDict()
+    c.logging.writers = ("tensorboard",)  # any of 'tensorboard', 'wandb', 'mlflow'
+    c.logging.wandb_project = "fvae"
+    c.logging.wandb_mode = "online"  # or 'offline': files in workdir/wandb (`wandb sync`)
+    c.logging.mlflow_experiment = "fvae"
+    c.logging.mlflow_tracking_uri = config_dict.placeholder(str)  # None: workdir/mlruns
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.enabled = True
@@ -187,7 +200,8 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
     def fill(target: ml_collections.ConfigDict, source: dict, prefix: str) -> None:
         for key, value in source.items():
             if f"{prefix}{key}" in MOVED_KEYS:  # saved by an earlier fvae: where it is now
-                set_key(config, MOVED_KEYS[f"{prefix}{key}"], value)
+                new = MOVED_KEYS[f"{prefix}{key}"]
+                set_key(config, new, MOVED_VALUES.get(new, lambda v: v)(value))
                 continue
             if key not in target:
                 raise ConfigError(f"saved config key {prefix}{key} is unknown to this "
@@ -201,6 +215,51 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
 
     fill(config, saved, "")
     return config
+
+
+def packaged_experiments() -> dict[str, pathlib.Path]:
+    """The experiment files fvae ships, by name: the repository's experiments/,
+    installed as the package fvae.experiments (pyproject.toml)."""
+    import importlib.resources
+    try:
+        root = importlib.resources.files("fvae.experiments")
+    except ModuleNotFoundError:  # (a checkout run without installing it)
+        return {}
+    return {p.name[:-3]: pathlib.Path(str(p)) for p in sorted(root.iterdir(), key=str)
+            if p.name.endswith(".py") and not p.name.startswith("_")}
+
+
+def experiment_path(name: str | os.PathLike) -> pathlib.Path:
+    """An experiment file: `name` if it is one, else the packaged experiment of that
+    name ('sharp_bce', or 'experiments/sharp_bce.py' outside the repository)."""
+    path = pathlib.Path(name)
+    if path.is_file():
+        return path
+    shipped = packaged_experiments()
+    stem = path.name[:-3] if path.name.endswith(".py") else path.name
+    if path.parent.name in ("", "experiments") and stem in shipped:
+        return shipped[stem]
+    raise ConfigError(f"config file {str(name)!r} does not exist, and fvae ships no experiment "
+                      f"of that name. Give a path, or one of: {', '.join(shipped) or '(none)'}.")
+
+
+def resolve_config_flag(argv: list[str], flag: str = "config") -> list[str]:
+    """argv with `--config NAME[:preset]` (or --config=...) naming its file's path."""
+    out, i = list(argv), 1
+    while i < len(out):
+        arg = out[i]
+        if arg in (f"--{flag}", f"-{flag}") and i + 1 < len(out):
+            out[i + 1], i = _resolved(out[i + 1]), i + 1
+        elif arg.startswith((f"--{flag}=", f"-{flag}=")):
+            head, value = arg.split("=", 1)
+            out[i] = f"{head}={_resolved(value)}"
+        i += 1
+    return out
+
+
+def _resolved(value: str) -> str:
+    name, colon, preset = value.partition(":")
+    return f"{experiment_path(name)}{colon}{preset}"
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -410,6 +469,20 @@ def _validate_train_and_runtime(config: ml_collections.ConfigDict) -> None:
     _check_in(config, "runtime.cpu_convolutions", CPU_CONVOLUTIONS)
     _check_in(config, "runtime.cpu_conv3x3", CPU_CONV3X3)
     _check_min(config, "report.epoch_metrics_images", 0, integer=True)
+    _validate_writers(config)
+
+
+def _validate_writers(config: ml_collections.ConfigDict) -> None:
+    """logging.writers: known names, each one's package installed (not imported)."""
+    writers = config.logging.writers
+    if not isinstance(writers, (tuple, list)) or any(w not in WRITERS for w in writers):
+        _fail("logging.writers", writers, f"a tuple of some of {', '.join(WRITERS)}")
+    _check_in(config, "logging.wandb_mode", ("online", "offline", "disabled"))
+    for name in writers:
+        module, extra = WRITER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"config.logging.writers names {name!r}, but {module} is not "
+                              f"installed: pip install \"{extra}\", or leave {name!r} out.")
 
 
 def _validate_checkpoint_and_eval(config: ml_collections.ConfigDict) -> None:

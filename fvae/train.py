@@ -35,7 +35,7 @@ from fvae.keys import RunKeys, epoch_permutation
 from fvae.steps import (Metrics, Seeds, TrainState, all_finite, create_train_state,
                         default_steps_per_dispatch, evaluate_losses, make_eval_step,
                         make_train_chunk, make_train_step, state_tree, zero_metrics)
-from fvae.writer import MetricsWriter
+from fvae.writer import RunLog, open_run_log
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -94,7 +94,7 @@ class Run:
     keys: RunKeys
     label: str = ""  # "seed 3, " in messages when several seeds train together
     ckpt: checkpoint.Checkpointer | None = None
-    writer: MetricsWriter | None = None
+    writer: RunLog | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,8 +300,8 @@ def _open_logs(runs: list[Run], schedule: Schedule, step: int) -> None:
         if primary:
             write_config(run.config, run.workdir)
             provenance.append(run.workdir, session)
-        run.writer = MetricsWriter(run.workdir, resume_step=keep_from,
-                                   tensorboard=run.config.report.tensorboard, primary=primary)
+        run.writer = open_run_log(run.workdir, run.config, resume_step=keep_from,
+                                  primary=primary)
 
 
 # ---------------------------------------------------------------- the loop

@@ -5,7 +5,7 @@ from fvae import configs, train
 
 # Every experiment file but the sweep configs (tested in test_sweep.py).
 EXPERIMENTS = sorted(p for p in (pathlib.Path(__file__).parent.parent / "experiments").glob("*.py")
-                     if p.stem not in ("ablation", "study"))
+                     if p.stem not in ("ablation", "study") and not p.stem.startswith("_"))
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
@@ -54,7 +54,7 @@ def test_a_moved_key_names_where_it_went():
     with pytest.raises(configs.ConfigError, match="train.progress_bar is now report.progress_bar"):
         configs.check_override_flags(["launch.py", "--config", "x.py",
                                       "--config.train.progress_bar=False"])
-    with pytest.raises(configs.ConfigError, match="train.tensorboard is now report"):
+    with pytest.raises(configs.ConfigError, match="train.tensorboard is now logging.writers"):
         configs.check_override_flags(["launch.py", "--noconfig.train.tensorboard"])
     configs.check_override_flags(["launch.py", "--config.report.progress_bar", "False",
                                   "--config.model.encoder_widths=(8,16,16)"])
@@ -62,11 +62,12 @@ def test_a_moved_key_names_where_it_went():
 
 
 def test_resumable_keys_follow_from_their_blocks():
-    """Every key of the runtime, report, checkpoint and eval blocks may change on resume;
-    of the rest only the name and where the data is read from."""
+    """Every key of the runtime, report, logging, checkpoint and eval blocks may change on
+    resume; of the rest only the name and where the data is read from."""
     keys = configs.flatten(configs.get_base_config())
     resumable = {k for k in keys if configs.is_resumable(k)}
-    blocks = {k for k in keys if k.split(".")[0] in ("runtime", "report", "checkpoint", "eval")}
+    blocks = {k for k in keys if k.split(".")[0] in ("runtime", "report", "logging",
+                                                     "checkpoint", "eval")}
     assert resumable == blocks | {"name", "data.dir", "data.download", "data.verify_checksums"}
     assert not configs.is_resumable("train.batch_size") and not configs.is_resumable("seed")
 

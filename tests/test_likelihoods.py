@@ -322,7 +322,7 @@ def test_configs_reject_mismatched_likelihoods(overrides, key):
     {"loss.likelihood": "discretized_logistic", "model.decoder_scale": "per_pixel"},
 ], ids=["cb", "gaussian_optimal", "gaussian_learned", "discretized_logistic"])
 def test_a_tiny_run_finishes_with_finite_metrics(make_config, tmp_path, overrides):
-    config = make_config(**{**overrides, "train.num_epochs": 1, "report.tensorboard": False,
+    config = make_config(**{**overrides, "train.num_epochs": 1, "logging.writers": (),
                             "report.num_figure_images": 4})
     state = train.train_and_evaluate(config, str(tmp_path))
     records = read_metrics(tmp_path)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fvae import checkpoint, data, losses, models, plots, train
+from fvae import checkpoint, configs, data, losses, models, plots, train
 from fvae.runs import load_checkpoint, write_run_figures
-from fvae.writer import MetricsWriter, read_metrics
+from fvae.writer import open_run_log, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_FIGURES = {"reconstructions.png", "samples.png", "interpolations.png",
@@ -238,6 +238,15 @@ def scalars(events) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def _logging(writers):
+    config = configs.get_base_config()
+    config.logging.writers = writers
+    return config
+
+
+TENSORBOARD, NO_TRACKERS = _logging(("tensorboard",)), _logging(())
+
+
 def epoch_records(step: int) -> list[dict]:
     common = {"epoch": step // 8, "step": step, "wall_time": 1.0}
     return [{"split": "train", **common, "loss": 500.0 - step, "kl": 1.5, "skipped": 0},
@@ -245,7 +254,7 @@ def epoch_records(step: int) -> list[dict]:
 
 
 def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
-    with MetricsWriter(tmp_path, tensorboard=True) as writer:
+    with open_run_log(tmp_path, TENSORBOARD) as writer:
         for step in (8, 16):
             for record in epoch_records(step):
                 writer.write(record)
@@ -266,11 +275,11 @@ def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
 
 
 def test_tensorboard_resume_purges_and_fresh_run_restarts(tmp_path):
-    with MetricsWriter(tmp_path, tensorboard=True) as writer:
+    with open_run_log(tmp_path, TENSORBOARD) as writer:
         for step in (8, 16):
             for record in epoch_records(step):
                 writer.write(record)
-    with MetricsWriter(tmp_path, resume_step=8, tensorboard=True) as writer:
+    with open_run_log(tmp_path, TENSORBOARD, resume_step=8) as writer:
         for record in epoch_records(16):
             writer.write(record)
     events = read_events(tmp_path / "tensorboard")
@@ -278,13 +287,19 @@ def test_tensorboard_resume_purges_and_fresh_run_restarts(tmp_path):
     assert starts == [9]  # TensorBoard hides the first run's events from step 9 on
     assert [r["step"] for r in read_metrics(tmp_path)] == [8, 8, 16, 16]
 
-    with MetricsWriter(tmp_path, tensorboard=True) as writer:
+    with open_run_log(tmp_path, TENSORBOARD) as writer:  # a fresh start
         writer.write(epoch_records(8)[0])
     assert scalars(read_events(tmp_path / "tensorboard"))["train/loss"] == [(8, 492.0)]
+    # the earlier logs are set aside beside the new ones, never deleted
+    [old_log] = tmp_path.glob("metrics.*.jsonl")
+    assert [r["step"] for r in map(json.loads, old_log.read_text().splitlines())] == \
+        [8, 8, 16, 16]
+    [old_events] = tmp_path.glob("tensorboard.*")
+    assert scalars(read_events(old_events))["train/loss"][-1] == (16, 484.0)
 
 
 def test_metrics_writer_without_tensorboard_is_unchanged(tmp_path):
-    writer = MetricsWriter(tmp_path)
+    writer = open_run_log(tmp_path, NO_TRACKERS)
     writer.write(epoch_records(8)[0])
     writer.add_images("ignored", np.zeros((2, 28, 28)), 8)  # no-op without TensorBoard
     writer.close()

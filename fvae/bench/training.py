@@ -1,4 +1,4 @@
-"""The training-step benchmark (`python -m fvae.bench`): images/s, compile time, peak memory, useful GFLOP/s.
+"""The training-step benchmark (`fvae-bench`, `python -m fvae.bench`): images/s, compile time, peak memory, useful GFLOP/s.
 
     python -m fvae.bench                                  # the study's model, defaults
     python -m fvae.bench --models conv,keras --batch-sizes 64,128,256 --devices 1,2
@@ -286,7 +286,7 @@ def time_epochs(config, spec: dict[str, Any]) -> dict[str, Any]:
         config.data.verify_checksums = False  # random images, not the published files
         config.data.validation_size = spec["test_images"]
         config.train.num_epochs, config.report.progress_bar = EPOCHS_RUN, False
-        config.report.num_figure_images, config.report.tensorboard = 0, False
+        config.report.num_figure_images, config.logging.writers = 0, ()
         runs = []
         for seed in range(spec.get("seeds", 1)):
             runs.append(config.copy_and_resolve_references())
@@ -388,7 +388,8 @@ def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="conv")
     parser.add_argument("--latent-dims", default="32")
     parser.add_argument("--batch-sizes", default="128")
