@@ -1,72 +1,9 @@
-"""Train a VAE from one config file.
+"""Train a VAE from one config file: the same as `fvae-train` (see fvae/launch.py).
 
     python launch.py --config experiments/sharp_bce.py --workdir runs/sharp_bce
-    python launch.py --config experiments/mse_dh2.py --config.model.latent_dim=32 ...
-
-Flags only; everything else is in the config (see fvae/configs.py).
 """
 
-import json
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from fvae import checkpoint, classifier, configs, cpu, data, logs, runs, train
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for this run's config, metrics, "
-                    "checkpoints and figures.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "plot"],
-                  "train: train (resuming if the workdir has checkpoints); eval: evaluate "
-                  "the best checkpoint on the test split into workdir/eval.json; plot: "
-                  "write every figure of the best checkpoint to workdir/figures/.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-# A user's mistake, reported as one line without a traceback.
-USER_ERRORS = (configs.ConfigError, checkpoint.CheckpointError, data.DataError,
-               classifier.ClassifierError)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, after checking the --config.KEY overrides name real keys."""
-    try:
-        configs.check_override_flags(argv)
-    except configs.ConfigError as e:
-        sys.exit(f"launch.py: {e}")
-    return app.parse_flags_with_usage(argv)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        run_mode(configs.validate(FLAGS.config))
-    except USER_ERRORS as e:
-        sys.exit(f"launch.py: {type(e).__name__}: {e}")
-
-
-def run_mode(config) -> None:
-    cpu.restart_with_huge_pages(config.runtime)  # first: it starts this process over
-    logs.show_own_info(__file__)
-    # before any JAX computation: multi-host start-up, CPU devices and XLA:CPU flags
-    cpu.setup(config.runtime, (config.train.batch_size, config.runtime.eval_batch_size))
-    if FLAGS.mode == "train":
-        try:
-            train.train_and_evaluate(config, FLAGS.workdir)
-        except train.TrainingInterrupted as e:
-            logging.warning("%s", e)
-            sys.exit(128 + e.signum)
-    elif FLAGS.mode == "eval":
-        results = runs.evaluate_run(FLAGS.workdir, "best", config=config)
-        print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)},
-                         indent=2))
-    elif FLAGS.mode == "plot":
-        for path in runs.write_run_figures(FLAGS.workdir, data_dir=config.data.dir,
-                                           num_images=config.report.num_figure_images or 16):
-            print(path)
-
+from fvae.launch import run
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    run()

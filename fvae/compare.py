@@ -1,6 +1,7 @@
 """Compare runs: their validation curves overlaid, and a table of each run's final metrics.
 
-    python -m fvae.compare runs/a runs/b ... --out comparison.png
+    fvae-compare runs/a runs/b ... --out comparison.png
+    python -m fvae.compare runs/study/*/seed0 --out runs/study/comparison.png
 
 writes comparison.png (validation loss, recon, KL and -ELBO per epoch) and, next to
 it, comparison.md and comparison.csv, and prints the Markdown table. A run's final
@@ -254,7 +255,7 @@ def compare(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fvae.compare", description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdirs", nargs="+", help="training workdirs to compare")
     parser.add_argument("--out", default="comparison.png",

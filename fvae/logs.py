@@ -27,3 +27,14 @@ def show_own_info(*extra_files: str) -> None:
     """INFO verbosity for an absl entry point, without the libraries' INFO lines."""
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(OwnInfoOnly(*extra_files))
+
+
+def show_flags_in_help(module_name: str) -> None:
+    """Makes --help print the module's docstring (its examples) and flags under any entry
+    point (fvae-train, python -m fvae train): absl prints those of __main__ alone."""
+    import sys
+
+    from absl import flags
+    sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

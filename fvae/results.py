@@ -149,7 +149,7 @@ def replace_block(document: str, name: str, text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fvae.results", description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results_dir", type=pathlib.Path)
     parser.add_argument("--publish", type=pathlib.Path, metavar="SWEEP_DIR",

@@ -1,6 +1,11 @@
 """Ablations in one command: a grid of runs with seeds, evaluated and tabulated.
 
-    python -m fvae.sweep --config experiments/ablation.py:quick --sweep_dir runs/ablation
+    fvae-sweep --config ablation:quick --sweep_dir runs/ablation
+    fvae-sweep --config study:cpu --sweep_dir runs/study --estimate_only
+    python -m fvae.sweep --config experiments/study.py:cpu --sweep_dir runs/study \\
+        --config.overrides.train.num_epochs=20
+
+--config is a sweep config file, or a packaged one's name (ablation, study) and preset.
 
 A sweep config names a base experiment, the axes to vary and the seeds. Every point
 of the grid and every seed gets its own workdir (sweep_dir/<point>/seed<k>), trained
@@ -20,6 +25,7 @@ import itertools
 import json
 import logging
 import pathlib
+import sys
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -110,10 +116,15 @@ def grid(sweep: ml_collections.ConfigDict) -> list[Point]:
 def experiment_file(name: str, sweep: ml_collections.ConfigDict) -> pathlib.Path:
     """experiments_dir/<name>.py (the `experiment` axis's values name files there)."""
     path = pathlib.Path(sweep.get("experiments_dir", "experiments")) / f"{name}.py"
-    if not path.exists():
-        raise configs.ConfigError(f"sweep experiment {name!r}: {path} does not exist. Name a "
-                                  "file of sweep.experiments_dir, without '.py'.")
-    return path
+    if path.exists():
+        return path
+    try:
+        return configs.experiment_path(name)  # a packaged one (fvae installed)
+    except configs.ConfigError:
+        raise configs.ConfigError(
+            f"sweep experiment {name!r}: {path} does not exist, nor does a packaged "
+            f"experiment of that name ({', '.join(configs.packaged_experiments())}). Name "
+            "a file of sweep.experiments_dir, without '.py'.") from None
 
 
 def point_base(sweep: ml_collections.ConfigDict, point: Point) -> pathlib.Path:
@@ -121,11 +132,12 @@ def point_base(sweep: ml_collections.ConfigDict, point: Point) -> pathlib.Path:
     values = dict(point.values)
     if "experiment" in values:
         return experiment_file(values["experiment"], sweep)
-    if not pathlib.Path(sweep.base).exists():
-        raise configs.ConfigError(f"sweep.base={sweep.base!r} does not exist: give a path to "
-                                  "an experiment file, relative to where the sweep is run "
-                                  "(the repository root for experiments/...).")
-    return pathlib.Path(sweep.base)
+    try:
+        return configs.experiment_path(sweep.base)
+    except configs.ConfigError:
+        raise configs.ConfigError(
+            f"sweep.base={sweep.base!r} does not exist: give a path to an experiment file, "
+            "relative to where the sweep is run, or a packaged experiment's name.") from None
 
 
 def point_config(sweep: ml_collections.ConfigDict, point: Point, seed: int
@@ -420,14 +432,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Sweep config (experiments/ablation.py:quick).")
+    config_flags.DEFINE_config_file("config", None, "Sweep config: a file or a packaged one's "
+                                    "name (ablation:quick, study:cpu).")
     flags.DEFINE_string("sweep_dir", None, "Directory for every run of the sweep.")
     flags.DEFINE_string("data_dir", None, "Overrides data.dir of every run.")
     flags.DEFINE_bool("estimate_only", False, "Measure and log the cost of the runs left "
                       "(sweep_dir/estimate.json); train nothing.")
     flags.mark_flags_as_required(["config", "sweep_dir"])
 
+    def parse(args: list[str]) -> list[str]:
+        try:
+            return app.parse_flags_with_usage(configs.resolve_config_flag(list(args)))
+        except configs.ConfigError as e:
+            sys.exit(f"fvae-sweep: {e}")
+
     def run(_):
+        try:
+            _run()
+        except configs.ConfigError as e:
+            sys.exit(f"fvae-sweep: ConfigError: {e}")
+
+    def _run():
         from fvae import cpu, logs
         sweep_config = flags.FLAGS.config
         first = point_config(sweep_config, grid(sweep_config)[0], sweep_config.seeds[0])
@@ -444,9 +469,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         run_sweep(flags.FLAGS.config, flags.FLAGS.sweep_dir, flags.FLAGS.data_dir)
         print((pathlib.Path(flags.FLAGS.sweep_dir) / "results.md").read_text())
-        # (returning anything else would become the exit status)
 
-    app.run(run, argv)
+    if argv is None:
+        from fvae import logs
+        logs.show_flags_in_help(__name__)
+    app.run(run, argv, flags_parser=parse)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ LAYERS = [
     {"train"},
     # orchestration: a workdir's checkpoints evaluated or plotted, sweeps, comparisons,
     # benchmarks, and the command line
-    {"runs", "sweep", "compare", "results", "bench", "launch"},
+    {"runs", "sweep", "compare", "results", "bench", "launch", "__main__"},
 ]
 LAYER_OF = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # Checkpoint I/O knows nothing about models, steps or runs.

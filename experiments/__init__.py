@@ -1,0 +1,1 @@
+"""The study's experiment and sweep configs; installed with fvae as fvae.experiments."""
