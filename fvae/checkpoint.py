@@ -8,7 +8,9 @@ Layout under workdir/checkpoints/:
 
 A checkpoint holds the train state as a plain tree of arrays (no pickle), the
 running sums of the current epoch's train metrics, and a JSON `meta` item with the
-config it was trained with and its format version (`FORMAT_VERSION`). Keys and data
+config it was trained with, its format version (`FORMAT_VERSION`) and a CRC-32 of
+every array, checked on restore: a checkpoint whose bytes changed on disk is treated
+as unreadable (moved to corrupt/, the previous one used), never trained on. Keys and data
 order follow from the step (see fvae.keys), so nothing else is needed to continue
 bit-for-bit. This module knows nothing about models: a reader passes the tree to
 restore into (`read`'s `target_for`).
@@ -16,11 +18,13 @@ restore into (`read`'s `target_for`).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import pathlib
 import shutil
 import time
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -108,30 +112,30 @@ class Checkpointer:
 
     def save(self, step: int, tree: dict[str, Any]) -> None:
         """Saves `tree` (state and epoch sums) as the latest checkpoint at `step`."""
-        self._save(self.latest, step, tree, self._meta(step))
+        self._save(self.latest, step, tree)
 
     def save_best(self, step: int, tree: dict[str, Any], validation_elbo: float) -> bool:
         """Saves `tree` as the best checkpoint if its validation ELBO is the lowest so far."""
         if not np.isfinite(validation_elbo) or validation_elbo >= self.best_elbo:
             return False
-        meta = self._meta(step, validation_elbo=validation_elbo)
-        if not self._save(self.best, step, tree, meta):
+        if not self._save(self.best, step, tree, validation_elbo=validation_elbo):
             return False  # saved before a restart: the files keep that ELBO, and so do we
         self.best_elbo = validation_elbo  # only once it is really saved
         return True
 
-    def _save(self, manager, step: int, tree, meta) -> bool:
-        """Saves the step unless it is saved already; whether it saved."""
+    def _save(self, manager, step: int, tree, **meta_extra) -> bool:
+        """Saves the step unless it is saved already, with the checksums of its arrays in
+        its meta; whether it saved."""
         try:
             if step in manager.all_steps():
                 return False  # (e.g. an epoch end that is also a save point)
+            meta = self._meta(step, checksums=checksums(tree), **meta_extra)
             manager.save(step, args=self._args(tree, meta), force=True)
             return True
         except OSError as e:
-            raise CheckpointError(
-                f"could not write the checkpoint for step {step} under {self.root}: {e}. "
-                "Free disk space or choose another --workdir; earlier checkpoints are "
-                "intact.") from e
+            raise CheckpointError(f"could not write the checkpoint for step {step} under "
+                                  f"{self.root}: {write_failure(e)}; earlier checkpoints "
+                                  "are intact.") from e
 
     def wait(self) -> None:
         """Blocks until every asynchronous save has been committed."""
@@ -139,8 +143,8 @@ class Checkpointer:
             self.latest.wait_until_finished()
             self.best.wait_until_finished()
         except OSError as e:
-            raise CheckpointError(f"a checkpoint save under {self.root} failed: {e}. Free "
-                                  "disk space or choose another --workdir.") from e
+            raise CheckpointError(f"a checkpoint save under {self.root} failed: "
+                                  f"{write_failure(e)}; earlier checkpoints are intact.") from e
 
     def close(self) -> None:
         self.latest.close()
@@ -168,6 +172,10 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(target)))
             except Exception as e:  # noqa: BLE001 - any failure means unreadable here
                 failed.append((step, f"{type(e).__name__}: {e}"))
+                continue
+            damaged = checksum_mismatches(meta, restored["state"])
+            if damaged:
+                failed.append((step, f"its data are damaged: {damaged}"))
                 continue
             for bad_step, reason in failed:
                 self._quarantine(bad_step, reason)
@@ -238,6 +246,16 @@ class Checkpointer:
         self.latest.reload()
 
 
+def write_failure(e: OSError) -> str:
+    """What a failed write means and what to do, by its cause."""
+    if e.errno == errno.ENOSPC:
+        return f"the disk is full ({e}). Free space, or choose another --workdir"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"permission denied ({e}). Make the workdir writable, or choose another "
+                "--workdir")
+    return f"{e}. Choose another --workdir if it persists"
+
+
 def check_format(meta: dict[str, Any], where) -> None:
     """Raises CheckpointError unless the checkpoint is of the format this fvae writes."""
     version = meta.get("format", 1)  # format 1 (before 2026-12) recorded none
@@ -268,6 +286,9 @@ def read(workdir: str | pathlib.Path, which: str | int,
     caller knows the model, this module does not)."""
     root = pathlib.Path(workdir).absolute() / "checkpoints"
     kind = "best" if which == "best" else "latest"
+    if not root.parent.is_dir():
+        raise CheckpointError(f"there is no workdir {workdir}: give the --workdir of a "
+                              "trained run.")
     if not (root / kind).is_dir():
         raise CheckpointError(f"{workdir} has no {kind} checkpoints: is it a training "
                               "workdir, and did training reach its first save?")
@@ -285,4 +306,50 @@ def read(workdir: str | pathlib.Path, which: str | int,
             state=ocp.args.StandardRestore(target_for(meta))))["state"]
     finally:
         manager.close()
+    damaged = checksum_mismatches(meta, tree)
+    if damaged:
+        raise CheckpointError(
+            f"the checkpoint in {root / kind / str(step)} is damaged: {damaged}. It was "
+            "not used. Evaluate another checkpoint ('latest' or a step), or retrain.")
     return meta, tree, step
+
+
+# ---- checksums: a damaged checkpoint is never trusted ----
+def _host_bytes(x) -> np.ndarray | None:
+    """The bytes of an array (integers as int64), or None for one no process holds
+    whole."""
+    if isinstance(x, jax.Array):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                return None  # (sharded across hosts: Orbax checks its own chunks' sizes)
+            x = x.addressable_data(0)
+    x = np.asarray(x)
+    if x.dtype.kind in "biu":  # (an int32 step is restored as a Python int)
+        x = x.astype(np.int64)
+    return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+
+
+def checksums(tree: dict[str, Any]) -> dict[str, str]:
+    """CRC-32 of every array's bytes, by its path in the tree (e.g.
+    "['train_state']['params']['encoder']...")."""
+    sums = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        data = _host_bytes(leaf)
+        if data is not None:
+            sums[jax.tree_util.keystr(path)] = f"{zlib.crc32(data):08x}"
+    return sums
+
+
+def checksum_mismatches(meta: dict[str, Any], tree: dict[str, Any]) -> str:
+    """'' if every array with a checksum in `meta` matches it; else which do not."""
+    saved = meta.get("checksums")
+    if not saved:
+        return ""  # (checkpoints written before checksums were recorded)
+    now = checksums(tree)
+    bad = sorted(k for k, v in saved.items() if k in now and now[k] != v)
+    if not bad:  # (an array not held whole here is not compared: see _host_bytes)
+        return ""
+    listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return f"{len(bad)} of {len(saved)} arrays differ from the checksums saved with them ({listed})"

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fvae import checkpoint, classifier, configs, cpu, data, logs, runs, train
+from fvae import checkpoint, classifier, configs, cpu, data, locking, logs, runs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -30,7 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # A user's mistake, reported as one line without a traceback.
 USER_ERRORS = (configs.ConfigError, checkpoint.CheckpointError, data.DataError,
-               classifier.ClassifierError)
+               classifier.ClassifierError, locking.WorkdirBusy)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -39,9 +39,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         argv = configs.resolve_config_flag(argv)
         configs.check_override_flags(argv)
-    except configs.ConfigError as e:
-        sys.exit(f"fvae-train: {e}")
-    return app.parse_flags_with_usage(argv)
+        return app.parse_flags_with_usage(argv)
+    except (configs.ConfigError, SyntaxError) as e:
+        logs.exit_for_user_error("fvae-train", e)
 
 
 def main(argv):
@@ -50,7 +50,7 @@ def main(argv):
     try:
         run_mode(configs.validate(FLAGS.config))
     except USER_ERRORS as e:
-        sys.exit(f"fvae-train: {type(e).__name__}: {e}")
+        logs.exit_for_user_error("fvae-train", e)
 
 
 def run_mode(config) -> None:

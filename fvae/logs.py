@@ -38,3 +38,19 @@ def show_flags_in_help(module_name: str) -> None:
     sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
     for flag in flags.FLAGS.get_key_flags_for_module(module_name):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def exit_for_user_error(program: str, error: BaseException) -> None:
+    """Ends the process on a user's mistake: one message naming the problem and the fix
+    on stderr, exit status 2, no traceback (FVAE_TRACEBACK=1 shows it instead). A
+    SyntaxError in a config file shows its file, line and caret."""
+    import sys
+    import traceback
+    if os.environ.get("FVAE_TRACEBACK"):
+        raise error
+    if isinstance(error, SyntaxError):
+        message = "".join(traceback.format_exception_only(error)).rstrip()
+        print(f"{program}: the config file has a syntax error:\n{message}", file=sys.stderr)
+    else:
+        print(f"{program}: {type(error).__name__}: {error}", file=sys.stderr)
+    sys.exit(2)

@@ -8,6 +8,7 @@ it into workdir/eval.json, draw its figures into workdir/figures/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from fvae import checkpoint, configs, cpu, data, evaluate, models, provenance
+from fvae import checkpoint, configs, cpu, data, evaluate, locking, models, provenance
 from fvae.keys import RunKeys
 from fvae.steps import abstract_state_tree
 from fvae.writer import jsonable, read_metrics
@@ -74,6 +75,24 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
     checkpoint was trained with. Without it, the run's own config and the default
     eval block are used.
     """
+    workdir = pathlib.Path(workdir)
+    path = workdir / "eval.json"
+    check_writable(path)  # before minutes (or hours, at K = 5000) of work
+    with contextlib.ExitStack() as lock:
+        if jax.process_index() == 0:
+            lock.enter_context(locking.WorkdirLock(workdir, "evaluating"))
+        results, saved = _evaluate(workdir, which, config, progress)
+        write_results(path, results)  # the numbers first: a failed figure loses none
+        from fvae import plots  # here: importing fvae.runs must not set matplotlib's backend
+        plots.iwae_vs_k(results["iwae_by_k"], workdir / "figures" / "iwae_vs_k.png",
+                        title=f"{saved.name}: IWAE bound against K (step "
+                              f"{results['checkpoint_step']})")
+    return results
+
+
+def _evaluate(workdir: pathlib.Path, which: str | int,
+              config: ml_collections.ConfigDict | None, progress: bool):
+    """(eval.json's dict, the run's own config)."""
     start = time.time()
     run = load_checkpoint(workdir, which)
     saved, model, params, step = run[:4]
@@ -88,14 +107,40 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
     results["checkpoint_step"] = step
     results["selection"] = selection(run, which)
     results["provenance"] = provenance.record(config)
-    path = pathlib.Path(workdir) / "eval.json"
+    return results, saved
+
+
+def check_writable(path: pathlib.Path) -> None:
+    """Raises CheckpointError unless a file can be written beside `path`."""
+    if not path.parent.is_dir():
+        raise checkpoint.CheckpointError(f"there is no workdir {path.parent}: give the "
+                                         "--workdir of a trained run.")
+    probe = path.with_name(f".{path.name}.write_test.{os.getpid()}")
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise checkpoint.CheckpointError(
+            f"cannot write {path} ({e.strerror or e}); nothing was evaluated. Make "
+            f"{path.parent} writable, or copy the run to a writable directory and "
+            "evaluate it there.") from e
+
+
+def write_results(path: pathlib.Path, results: dict) -> None:
+    """Writes eval.json atomically; if that fails (a disk filled meanwhile), prints the
+    results to stdout so that they are not lost, then raises CheckpointError."""
+    text = json.dumps(jsonable(results), indent=2, sort_keys=True) + "\n"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(jsonable(results), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # the numbers first: a figure that fails loses none of them
-    from fvae import plots  # here: importing fvae.runs must not set matplotlib's backend
-    plots.iwae_vs_k(results["iwae_by_k"], pathlib.Path(workdir) / "figures" / "iwae_vs_k.png",
-                    title=f"{saved.name}: IWAE bound against K (step {step})")
-    return results
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(text, flush=True)
+        raise checkpoint.CheckpointError(
+            f"could not write {path} ({e.strerror or e}); the results are printed above "
+            "in full. Free space or make the directory writable, and save them from "
+            "there.") from e
 
 
 def write_run_figures(workdir: str | os.PathLike, which: str | int = "best",

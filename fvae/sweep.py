@@ -25,13 +25,12 @@ import itertools
 import json
 import logging
 import pathlib
-import sys
 from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
 
-from fvae import configs
+from fvae import configs, logs
 
 # Axis name -> value -> config overrides. Values are what a sweep config lists.
 _SUM = {"loss.reduction": "sum", "model.decoder_scale": "none"}
@@ -443,17 +442,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     def parse(args: list[str]) -> list[str]:
         try:
             return app.parse_flags_with_usage(configs.resolve_config_flag(list(args)))
-        except configs.ConfigError as e:
-            sys.exit(f"fvae-sweep: {e}")
+        except (configs.ConfigError, SyntaxError) as e:
+            logs.exit_for_user_error("fvae-sweep", e)
 
     def run(_):
+        from fvae.launch import USER_ERRORS
         try:
             _run()
-        except configs.ConfigError as e:
-            sys.exit(f"fvae-sweep: ConfigError: {e}")
+        except USER_ERRORS as e:
+            logs.exit_for_user_error("fvae-sweep", e)
 
     def _run():
-        from fvae import cpu, logs
+        from fvae import cpu
         sweep_config = flags.FLAGS.config
         first = point_config(sweep_config, grid(sweep_config)[0], sweep_config.seeds[0])
         if argv is None:  # an entry point, not a call from a program (which would restart)
@@ -471,7 +471,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print((pathlib.Path(flags.FLAGS.sweep_dir) / "results.md").read_text())
 
     if argv is None:
-        from fvae import logs
         logs.show_flags_in_help(__name__)
     app.run(run, argv, flags_parser=parse)
 

@@ -14,6 +14,7 @@ keeps its own workdir, checkpoints and log, exactly as if it had trained alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -29,8 +30,8 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from fvae import (binarize, checkpoint, configs, cpu, data, evaluate, losses, models,
-                  parallel, provenance)
+from fvae import (binarize, checkpoint, configs, cpu, data, evaluate, locking, losses,
+                  models, parallel, provenance)
 from fvae.keys import RunKeys, epoch_permutation
 from fvae.steps import (Metrics, Seeds, TrainState, all_finite, create_train_state,
                         default_steps_per_dispatch, evaluate_losses, make_eval_step,
@@ -228,12 +229,24 @@ def build_program(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
 
 
 def _train_together(run_configs, workdirs, dp: parallel.DataParallel) -> list[TrainState]:
-    """train_seeds on one program: restore, loop, figures; files closed however it ends."""
+    """train_seeds on one program, each workdir locked against other processes (by
+    process 0 of a multi-host job, whose processes share the workdir)."""
     together = len(run_configs) > 1
     runs = [Run(c, prepare_workdir(w), RunKeys.from_seed(c.seed),
                 label=f"seed {c.seed}, " if together else "")
             for c, w in zip(run_configs, workdirs)]
-    program = build_program(run_configs[0], dp, len(runs))
+    with contextlib.ExitStack() as locks:
+        if jax.process_index() == 0:
+            for run in runs:
+                locks.enter_context(locking.WorkdirLock(run.workdir,
+                                                        f"training {run.config.name}"))
+        return _train_locked(runs, dp)
+
+
+def _train_locked(runs: list[Run], dp: parallel.DataParallel) -> list[TrainState]:
+    """Restore, loop, figures; files closed however it ends."""
+    together = len(runs) > 1
+    program = build_program(runs[0].config, dp, len(runs))
     try:
         for run in runs:
             if run.config.checkpoint.enabled:

@@ -235,15 +235,33 @@ def largest_file(directory: pathlib.Path) -> pathlib.Path:
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def test_corrupt_checkpoint_falls_back_to_the_previous_one(make_config, tmp_path, caplog):
+def flip_bytes(path: pathlib.Path, at: float, n: int = 4) -> None:
+    """Inverts n bytes at fraction `at` of the file, keeping its size (as a disk might)."""
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at)
+    data[i:i + n] = bytes(b ^ 0xFF for b in data[i:i + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncated", "is unreadable"),
+    # Orbax reads these bytes without an error (they decompress to other numbers): only
+    # the checksums in the meta tell.
+    ("flipped", "is unreadable (its data are damaged: 1 of 81 arrays differ"),
+])
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(make_config, tmp_path, caplog,
+                                                           damage, reason):
     reference = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}),
                                          str(tmp_path / "reference"))
     workdir = tmp_path / "run"
     train.train_and_evaluate(make_config(), str(workdir))  # checkpoints at steps 8, 16
     victim = largest_file(workdir / "checkpoints" / "latest" / "16")
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    else:
+        flip_bytes(victim, 0.5)
     state = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}), str(workdir))
-    assert "checkpoint at step 16 is unreadable" in caplog.text
+    assert f"checkpoint at step 16 {reason}" in caplog.text
     assert [p.name.split("-")[0] for p in (workdir / "checkpoints" / "corrupt").iterdir()] == ["16"]
     assert_same_params(state.params, reference.params)
     # The step set aside was saved again when the resumed run reached it.
@@ -315,8 +333,31 @@ def test_load_latest_best_and_step(make_config, tmp_path):
     assert saved["checkpoint"]["keep"] == 3
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint 5"):
         runs.load_checkpoint(tmp_path, 5)[:3]
-    with pytest.raises(checkpoint.CheckpointError, match="is it a training workdir"):
+    with pytest.raises(checkpoint.CheckpointError, match="there is no workdir"):
         runs.load_checkpoint(tmp_path / "nothing")[:3]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="is it a training workdir"):
+        runs.load_checkpoint(tmp_path / "empty")[:3]
+
+
+def test_a_damaged_best_checkpoint_is_refused_when_read(make_config, tmp_path):
+    train.train_and_evaluate(make_config(**{"train.num_epochs": 1}), str(tmp_path))
+    flip_bytes(largest_file(tmp_path / "checkpoints" / "best" / "8"), 0.5)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"best/8 is damaged: 1 of 81 arrays differ .*not used"):
+        runs.load_checkpoint(tmp_path, "best")
+
+
+def test_checksums_cover_every_array_and_change_with_one_bit():
+    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": np.int32(7)},
+            "k": jax.random.key(0)}
+    sums = checkpoint.checksums(tree)
+    assert sorted(sums) == ["['a']", "['b']['c']", "['k']"]
+    assert checkpoint.checksum_mismatches({"checksums": sums}, tree) == ""
+    flipped = {**tree, "a": tree["a"].at[1, 2].set(np.nextafter(np.float32(5), np.float32(6)))}
+    assert checkpoint.checksum_mismatches({"checksums": sums}, flipped).startswith(
+        "1 of 3 arrays differ from the checksums saved with them (['a'])")
+    assert checkpoint.checksum_mismatches({}, flipped) == ""  # (none recorded)
 
 
 def test_a_best_checkpoint_saved_before_a_restart_keeps_its_own_elbo(make_config, tmp_path):
@@ -333,3 +374,11 @@ def test_a_best_checkpoint_saved_before_a_restart_keeps_its_own_elbo(make_config
     assert ckpt.save_best(16, tree, 9.9) and ckpt.best_elbo == 9.9
     ckpt.wait()
     ckpt.close()
+
+
+def test_a_failed_write_is_explained_by_its_cause():
+    import errno
+    full = checkpoint.write_failure(OSError(errno.ENOSPC, "No space left on device"))
+    denied = checkpoint.write_failure(PermissionError(errno.EACCES, "Permission denied"))
+    assert full.startswith("the disk is full") and "Free space" in full
+    assert denied.startswith("permission denied") and "Free" not in denied

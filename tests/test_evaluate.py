@@ -1,4 +1,5 @@
 import json
+import pathlib
 import socket
 
 import jax
@@ -351,6 +352,45 @@ def test_evaluate_run_rejects_a_config_of_another_model(run):
     other = tiny_config(config.data.dir, **{"model.latent_dim": 3})
     with pytest.raises(checkpoint.CheckpointError, match="model.latent_dim"):
         runs.evaluate_run(workdir, config=other, progress=False)
+
+
+def test_an_unwritable_workdir_is_refused_before_the_evaluation(run, monkeypatch):
+    workdir, config, _, _, _ = run
+    real_write = pathlib.Path.write_text
+
+    def write_text(path, *args, **kwargs):  # (root ignores read-only modes: pretend)
+        if path.parent == workdir:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    monkeypatch.setattr(evaluate, "full_evaluation", lambda *a, **k: pytest.fail("evaluated"))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="cannot write .*eval.json \\(Permission denied\\); nothing was"):
+        runs.evaluate_run(workdir, config=config, progress=False)
+
+
+def test_results_that_cannot_be_written_at_the_end_are_printed(run, monkeypatch, capsys,
+                                                               tmp_path):
+    workdir, config, _, _, _ = run
+    before = (workdir / "eval.json").read_bytes() if (workdir / "eval.json").exists() else None
+
+    real_write = pathlib.Path.write_text
+
+    def write_text(path, *args, **kwargs):  # the disk fills during the evaluation
+        if path.name == "eval.json.tmp":
+            real_write(path, "{\"half\": ")
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    with pytest.raises(checkpoint.CheckpointError, match="results are printed above"):
+        runs.evaluate_run(workdir, config=config, progress=False)
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == EVAL_KEYS and printed["iwae_nll"] > 0
+    assert not (workdir / "eval.json.tmp").exists()
+    after = (workdir / "eval.json").read_bytes() if (workdir / "eval.json").exists() else None
+    assert after == before  # an earlier eval.json is left as it was
 
 
 def test_binarised_protocol_and_bits_per_dimension(run):

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "fvae"
 LAYERS = [
     # configs, data, models, losses, random keys, and helpers that know none of them
     {"configs", "data", "models", "losses", "keys", "images", "batching", "binarize",
-     "parallel", "runtime", "logs"},
+     "parallel", "runtime", "logs", "locking"},
     # the machine (CPU kernels and start-up), provenance, storage, the classifier
     {"cpu", "provenance", "checkpoint", "writer", "classifier"},
     # train state and steps; evaluation and figures of a model's parameters

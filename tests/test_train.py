@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import pathlib
@@ -138,9 +139,23 @@ def test_launch_rejects_unknown_keys_and_bad_values(tmp_path):
     assert "train.cpu_devices is now runtime.cpu_devices" in result.stderr
     result = run_launch("--config", "experiments/sharp_bce.py", "--workdir", str(tmp_path),
                         "--config.loss.beta=-1")
-    assert result.returncode != 0 and "config.loss.beta=-1" in result.stderr
+    assert result.returncode == 2 and "config.loss.beta=-1" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_launch_shows_a_config_syntax_error_as_file_line_and_caret(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import ml_collections\n\ndef get_config(:\n    pass\n")
+    result = run_launch("--config", str(bad), "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f'File "{bad}", line 3' in result.stderr and "^" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 6, result.stderr
+    shown = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", str(bad),
+                            "--workdir", str(tmp_path / "run")], capture_output=True,
+                           text=True, cwd=ROOT, timeout=300, env={**os.environ,
+                                                                  "FVAE_TRACEBACK": "1"})
+    assert shown.returncode != 0 and "Traceback" in shown.stderr
 
 
 def test_dynamic_binarization_trains_on_fresh_binary_draws(make_config, tmp_path):
