@@ -146,6 +146,10 @@ class Checkpointer:
             raise CheckpointError(f"a checkpoint save under {self.root} failed: "
                                   f"{write_failure(e)}; earlier checkpoints are intact.") from e
 
+    def latest_step(self) -> int | None:
+        """The newest step saved (or being saved) as the latest checkpoint."""
+        return self.latest.latest_step()
+
     def close(self) -> None:
         self.latest.close()
         self.best.close()

@@ -36,7 +36,10 @@ CPU_CONV3X3 = ("fvae", "xla")  # see fvae/cpu/__init__.py
 # report, save or evaluate, not what is trained. Beyond them only the run's name and
 # where the data comes from (its checksums are checked, whatever the path).
 RESUMABLE_BLOCKS = ("runtime", "report", "logging", "checkpoint", "eval")
-RESUMABLE_KEYS = ("name", "data.dir", "data.download", "data.verify_checksums")
+RESUMABLE_KEYS = ("name", "data.dir", "data.download", "data.verify_checksums",
+                  # what a run does about a non-finite step: steps that were finite
+                  # compute the same either way (see train.check_finite)
+                  "train.on_nonfinite", "train.max_skipped_fraction")
 # Keys an earlier fvae had, and where they live now (for the error an old command gets).
 MOVED_KEYS = {**{f"train.{k}": f"runtime.{k}" for k in (
     "num_devices", "steps_per_dispatch", "cross_device_reduce", "cpu_devices",
@@ -133,6 +136,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.num_epochs = 10
     c.train.num_steps = 0  # >0: train this many steps instead of num_epochs
     c.train.on_nonfinite = "stop"  # 'stop' with an error, or 'skip' the step and count it
+    c.train.max_skipped_fraction = 0.25  # 'skip': stop after an epoch skipping more (1: never)
 
     # What a run reports while it trains; every key here may change when it resumes.
     c.report = ml_collections.ConfigDict()
@@ -465,6 +469,10 @@ def _validate_train_and_runtime(config: ml_collections.ConfigDict) -> None:
     _check_min(config, "report.log_every_steps", 1, integer=True)
     _check_min(config, "report.num_figure_images", 0, integer=True)
     _check_in(config, "train.on_nonfinite", ("stop", "skip"))
+    _check_min(config, "train.max_skipped_fraction", 0.0)
+    if config.train.max_skipped_fraction > 1:
+        _fail("train.max_skipped_fraction", config.train.max_skipped_fraction,
+              "a fraction between 0 and 1")
     _check_in(config, "runtime.cross_device_reduce", CROSS_DEVICE_REDUCES)
     _check_in(config, "runtime.cpu_convolutions", CPU_CONVOLUTIONS)
     _check_in(config, "runtime.cpu_conv3x3", CPU_CONV3X3)

@@ -391,7 +391,8 @@ def _check_and_show(runs: list[Run], program: Program, progress: Progress,
                for i in range(len(runs))]
     for run, metrics in zip(runs, running):
         if metrics["skipped"] < steps_summed:  # (all skipped: no means)
-            check_finite(metrics, progress.step, seed=run.config.seed if run.label else None)
+            check_finite(metrics, progress.step, seed=run.config.seed if run.label else None,
+                         kept=run.ckpt and run.ckpt.latest_step())
     bar.set_postfix(loss=f"{np.mean([m['loss'] for m in running]):.2f}", epoch=epoch + 1)
 
 
@@ -403,10 +404,13 @@ def _end_epoch(runs: list[Run], program: Program, progress: Progress, epoch: int
     jax.block_until_ready(progress.state)
     images_per_sec = progress.images_per_sec(program.config.train.batch_size)
     steps_summed = progress.step - epoch * program.schedule.steps_per_epoch
+    epoch_metrics = [mean_metrics(program.seeds.slice(progress.sums, i), steps_summed)
+                     for i in range(len(runs))]
     for i, run in enumerate(runs):
-        _log_epoch(run, program, program.seeds.slice(progress.state, i),
-                   mean_metrics(program.seeds.slice(progress.sums, i), steps_summed),
+        _log_epoch(run, program, program.seeds.slice(progress.state, i), epoch_metrics[i],
                    progress, epoch, images_per_sec, bar)
+    for run, metrics in zip(runs, epoch_metrics):
+        check_skipped(run, metrics["skipped"], steps_summed, epoch)
     if steps_summed == program.schedule.steps_per_epoch:
         progress.sums = program.dp.replicate(program.seeds.stack([zero_metrics() for _ in runs]))
     progress.restart_timer()
@@ -455,24 +459,47 @@ def _save(runs: list[Run], program: Program, progress: Progress) -> None:
     seeds = [program.seeds.slice((progress.state, progress.sums), i) for i in range(len(runs))]
     for run, (state, _) in zip(runs, seeds):
         check_finite({}, progress.step, state.params,
-                     seed=run.config.seed if run.label else None)
+                     seed=run.config.seed if run.label else None,
+                     kept=run.ckpt and run.ckpt.latest_step())
     for run, (state, sums) in zip(runs, seeds):
         run.ckpt.save(progress.step, state_tree(state, sums))
 
 
 # ---------------------------------------------------------------- helpers
+# What to do about non-finite steps. train.on_nonfinite may change on resume (the steps
+# that were finite compute the same either way); the optimizer's settings may not.
+NONFINITE_ADVICE = ("Resume this workdir with --config.train.on_nonfinite=skip to skip "
+                    "such steps, or train afresh in a new --workdir with a lower "
+                    "optim.learning_rate or an optim.grad_clip_norm")
+
+
 def check_finite(metrics: dict[str, float], step: int, params=None,
-                 seed: int | None = None) -> None:
-    """Raises NonFiniteLossError naming the step (and seed) and every loss part."""
+                 seed: int | None = None, kept: int | None = None) -> None:
+    """Raises NonFiniteLossError naming the step (and seed), every loss part and the
+    checkpoint that is kept (`kept`: the latest saved step, None if none)."""
     finite_params = params is None or bool(all_finite(params))
     if not finite_params or not all(math.isfinite(v) for v in metrics.values()):
         parts = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         raise NonFiniteLossError(
             f"non-finite loss by step {step}{'' if seed is None else f' of seed {seed}'}: "
-            f"{parts}"
-            f"{'' if finite_params else ' (and non-finite parameters)'}. Lower "
-            "optim.learning_rate, set optim.grad_clip_norm, or set "
-            "train.on_nonfinite='skip'; the last good checkpoint is kept.")
+            f"{parts}{'' if finite_params else ' (and non-finite parameters)'}. "
+            f"{NONFINITE_ADVICE}. "
+            + (f"The checkpoint at step {kept} is kept." if kept else
+               "No checkpoint had been saved yet."))
+
+
+def check_skipped(run: "Run", skipped: int, steps_summed: int, epoch: int) -> None:
+    """Warns of skipped steps; raises NonFiniteLossError past train.max_skipped_fraction."""
+    if not skipped:
+        return
+    fraction, limit = skipped / steps_summed, run.config.train.max_skipped_fraction
+    message = (f"{run.label}epoch {epoch + 1}: {skipped} of {steps_summed} steps "
+               f"({fraction:.0%}) had a non-finite loss and were skipped")
+    if fraction > limit:
+        raise NonFiniteLossError(
+            f"{message}, more than train.max_skipped_fraction={limit}: the run is not "
+            f"learning. {NONFINITE_ADVICE}.")
+    logging.warning("%s", message)
 
 
 class StopRequest:

@@ -139,17 +139,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_config, t
                                                                   monkeypatch):
     train.train_and_evaluate(make_config(**{"train.num_epochs": 1}), str(tmp_path))
     monkeypatch.setattr(losses, "vae_loss", nan_loss_when(lambda x: True))
-    with pytest.raises(train.NonFiniteLossError, match=r"step (9|1[0-6]): .*loss=nan"):
+    with pytest.raises(train.NonFiniteLossError, match=r"step (9|1[0-6]): .*loss=nan.*"
+                       r"on_nonfinite=skip.*new --workdir.*checkpoint at step 8 is kept"):
         train.train_and_evaluate(make_config(**{"train.num_epochs": 2}), str(tmp_path))
     ckpt = checkpoint.Checkpointer(tmp_path, make_config())
     assert ckpt.latest.all_steps() == [8]
     _, _, params = runs.load_checkpoint(tmp_path)[:3]
     assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(params))
+    # The advice holds: the same workdir resumes with on_nonfinite=skip (and stops, at
+    # the end of an epoch of nothing but skipped steps, past max_skipped_fraction).
+    with pytest.raises(train.NonFiniteLossError, match=r"epoch 2: 8 of 8 steps \(100%\).*"
+                       "max_skipped_fraction=0.25"):
+        train.train_and_evaluate(make_config(**{"train.num_epochs": 2,
+                                                "train.on_nonfinite": "skip"}), str(tmp_path))
+    assert [r["skipped"] for r in read_metrics(tmp_path) if r["split"] == "train"] == [0, 8]
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(make_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(losses, "vae_loss", nan_loss_when(lambda x: True))
+    with pytest.raises(train.NonFiniteLossError, match="No checkpoint had been saved yet"):
+        train.train_and_evaluate(make_config(**{"train.num_epochs": 1}), str(tmp_path))
 
 
 def test_non_finite_steps_can_be_skipped_and_counted(make_config, tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "vae_loss", nan_loss_when(lambda x: x[0, 0, 0, 0] > 0.1))
-    state = train.train_and_evaluate(make_config(**{"train.on_nonfinite": "skip"}),
+    state = train.train_and_evaluate(make_config(**{"train.on_nonfinite": "skip",
+                                                    "train.max_skipped_fraction": 1.0}),
                                      str(tmp_path))
     train_lines = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
     assert sum(r["skipped"] for r in train_lines) > 0
@@ -158,15 +173,17 @@ def test_non_finite_steps_can_be_skipped_and_counted(make_config, tmp_path, monk
     assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
 
 
-def test_an_epoch_of_skipped_steps_is_logged_not_fatal(make_config, tmp_path, monkeypatch):
-    """With every step skipped there is no mean to check: the run goes on, logs the
-    epoch as skipped and keeps its initial parameters."""
+def test_an_epoch_of_skipped_steps_is_logged_not_fatal(make_config, tmp_path, monkeypatch,
+                                                        caplog):
+    """With every step skipped (and max_skipped_fraction=1) there is no mean to check:
+    the run goes on, warns, logs the epoch as skipped and keeps its initial parameters."""
     monkeypatch.setattr(losses, "vae_loss", nan_loss_when(lambda x: True))
     config = make_config(**{"train.on_nonfinite": "skip", "train.num_epochs": 1,
-                            "report.log_every_steps": 1})
+                            "report.log_every_steps": 1, "train.max_skipped_fraction": 1.0})
     state = train.train_and_evaluate(config, str(tmp_path))
     [line] = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
     assert line["skipped"] == 8 and int(state.step) == 8
+    assert "epoch 1: 8 of 8 steps (100%) had a non-finite loss and were skipped" in caplog.text
     initial = steps.create_train_state(config, train.training_model(
         config, parallel.make_data_parallel(1)), keys.RunKeys.from_seed(config.seed).init, 8)
     assert_same_params(state.params, initial.params)

@@ -68,7 +68,8 @@ def test_resumable_keys_follow_from_their_blocks():
     resumable = {k for k in keys if configs.is_resumable(k)}
     blocks = {k for k in keys if k.split(".")[0] in ("runtime", "report", "logging",
                                                      "checkpoint", "eval")}
-    assert resumable == blocks | {"name", "data.dir", "data.download", "data.verify_checksums"}
+    assert resumable == blocks | {"name", "data.dir", "data.download", "data.verify_checksums",
+                                  "train.on_nonfinite", "train.max_skipped_fraction"}
     assert not configs.is_resumable("train.batch_size") and not configs.is_resumable("seed")
 
 
