@@ -6,7 +6,8 @@
 
 `cpu` and `gpu` train each of the study's experiment files (experiments/<name>.py, as
 the file defines it) on all 60,000 training images less the 5,000 of the validation
-split: 10 epochs and one seed on a CPU (about 3 hours on 2 cores), 50 epochs and three
+split: 10 epochs and one seed on a CPU (about 2 hours, measured on 2 cores;
+--estimate_only measures this machine), 50 epochs and three
 seeds on a GPU. The length is a flag: --config.overrides.train.num_epochs=20, and
 --config.seeds='(0,1,2)'. The checkpoint evaluated is the epoch of the lowest validation
 ELBO (the best-epoch rule, no early stopping: every run trains its whole length).
