@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fvae import checkpoint, classifier, configs, cpu, data, locking, logs, runs, train
+from fvae import configs, cpu, logs, runs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -28,9 +28,7 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "plot"],
                   "write every figure of the best checkpoint to workdir/figures/.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# A user's mistake, reported as one line without a traceback.
-USER_ERRORS = (configs.ConfigError, checkpoint.CheckpointError, data.DataError,
-               classifier.ClassifierError, locking.WorkdirBusy)
+USER_ERRORS = runs.USER_ERRORS  # a user's mistake: one line, no traceback
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -113,11 +113,16 @@ class WorkdirLock:
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:  # (a full disk, Ctrl-C): leave no lock behind
+                self.path.unlink(missing_ok=True)
+                raise
             self.me = me
+            self._stop.clear()
             self._thread = threading.Thread(target=self._beat, daemon=True,
                                             name=f"fvae-lock-heartbeat {self.path}")
             self._thread.start()
@@ -131,9 +136,12 @@ class WorkdirLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        holder, _ = self._read()
-        if holder is not None and holder.get("token") == self.me["token"]:
-            self.path.unlink(missing_ok=True)
+        try:
+            holder, _ = self._read()
+            if holder is not None and holder.get("token") == self.me["token"]:
+                self.path.unlink(missing_ok=True)
+        except OSError as e:
+            logging.warning("could not remove the lock %s: %s", self.path, e)
         self.me = None
 
     # ---- the holder's heartbeat ----
@@ -159,7 +167,7 @@ class WorkdirLock:
         seconds by the filesystem's clock); (None, None) if there is no lock."""
         try:
             mtime = self.path.stat().st_mtime
-            text = self.path.read_text()
+            text = self.path.read_text(errors="replace")
         except FileNotFoundError:
             return None, None
         probe = self.path.with_name(f".{LOCK_NAME}.now.{os.getpid()}.{uuid.uuid4().hex[:8]}")
@@ -171,7 +179,7 @@ class WorkdirLock:
             now = time.time()  # (a read-only workdir: our own clock will do)
         try:
             holder = json.loads(text)
-        except json.JSONDecodeError:
+        except ValueError:  # (JSONDecodeError, and undecodable bytes)
             holder = None  # being written this instant, or cut short by a crash
         return (holder if isinstance(holder, dict) else None), now - mtime
 
@@ -187,7 +195,7 @@ class WorkdirLock:
         elif holder_alive(holder, age):
             raise WorkdirBusy(
                 f"{self.path.parent} is in use: {describe(holder)} has held {self.path} "
-                f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['since']))}. "
+                f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}. "
                 "Wait for it to finish, stop it, or use another --workdir; if that process "
                 f"is gone (e.g. its machine is down), delete {self.path}.")
         # Break it by renaming: of several processes doing this at once, one rename
@@ -202,10 +210,10 @@ class WorkdirLock:
         except (OSError, json.JSONDecodeError):
             moved = None
         moved_token = moved.get("token") if isinstance(moved, dict) else None
-        if holder is not None and moved_token != holder.get("token"):
+        if moved_token is not None and moved_token != (holder or {}).get("token"):
             try:  # a fresh lock taken in between: give it back (link fails if one exists)
                 os.link(aside, self.path)
-            except FileExistsError:
+            except OSError:
                 pass
             aside.unlink(missing_ok=True)
             return

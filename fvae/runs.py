@@ -18,11 +18,16 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from fvae import checkpoint, configs, cpu, data, evaluate, locking, models, provenance
+from fvae import (checkpoint, classifier, configs, cpu, data, evaluate, locking, models,
+                  provenance)
 from fvae.keys import RunKeys
 from fvae.steps import abstract_state_tree
 from fvae.writer import jsonable, read_metrics
 
+
+# A user's mistake, which the commands (fvae-train, fvae-sweep) report as one line.
+USER_ERRORS = (configs.ConfigError, checkpoint.CheckpointError, data.DataError,
+               classifier.ClassifierError, locking.WorkdirBusy)
 
 SELECTION_RULE = "the epoch end of the lowest validation ELBO (data.validation_size images)"
 

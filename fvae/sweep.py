@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             logs.exit_for_user_error("fvae-sweep", e)
 
     def run(_):
-        from fvae.launch import USER_ERRORS
+        from fvae.runs import USER_ERRORS  # (fvae.launch would define its flags)
         try:
             _run()
         except USER_ERRORS as e:

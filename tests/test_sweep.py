@@ -211,3 +211,19 @@ def test_the_estimate_measures_this_machine(tmp_path, tiny_data_dir):
     rates = __import__("fvae.bench.training", fromlist=["x"]).throughput(config, steps=2,
                                                                         iwae_samples=4)
     assert rates["train_images_per_sec"] > 0 and rates["iwae_draws_per_sec"] > 0
+
+
+def test_the_sweep_command_reports_a_users_mistake_in_one_line(tmp_path):
+    """The command line end to end, as far as its first check: a sweep whose base
+    experiment does not exist ends with one line and status 2, no traceback."""
+    import subprocess
+    import sys
+    config = tmp_path / "bad_sweep.py"
+    config.write_text("from fvae.experiments import ablation\n\n"
+                      "def get_config():\n    s = ablation.get_config('quick')\n"
+                      "    s.base = 'no/such/experiment.py'\n    return s\n")
+    result = subprocess.run([sys.executable, "-m", "fvae.sweep", "--config", str(config),
+                             "--sweep_dir", str(tmp_path / "sweep"), "--estimate_only"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "fvae-sweep: ConfigError" in result.stderr and "Traceback" not in result.stderr
