@@ -14,6 +14,8 @@ ELBO (the best-epoch rule, no early stopping: every run trains its whole length)
 
 `rate_distortion` puts BCE and summed MSE at latent 32 on a beta axis, for the
 rate-distortion figure (Alemi et al. 2018); on a CPU it is the shorter one.
+`warmup` trains the two largest betas of that axis without KL warm-up, to set beside
+its warmed-up runs (does warm-up keep latent units active?).
 """
 
 import ml_collections
@@ -52,7 +54,14 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
         sweep.axes.warmup = ("on",)
         sweep.seeds = (0,)
         sweep.overrides.train = {"num_epochs": 3}
+    elif preset == "warmup":
+        sweep.axes.likelihood = ("bce", "mse-sum")
+        sweep.axes.beta = (1.0, 3.0)
+        sweep.axes.latent = (32,)
+        sweep.axes.warmup = ("off",)
+        sweep.seeds = (0,)
+        sweep.overrides.train = {"num_epochs": 3}
     else:
-        raise ValueError(f"unknown study preset {preset!r}: use 'cpu', 'gpu' or "
-                         "'rate_distortion'")
+        raise ValueError(f"unknown study preset {preset!r}: use 'cpu', 'gpu', "
+                         "'rate_distortion' or 'warmup'")
     return sweep

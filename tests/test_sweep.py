@@ -154,7 +154,8 @@ def test_vmap_seeds_defaults_to_accelerators_only(tmp_path, tiny_data_dir):
         sweep.vmap_seeds(s)
 
 
-@pytest.mark.parametrize("preset,num_points", [("cpu", 6), ("gpu", 6), ("rate_distortion", 12)])
+@pytest.mark.parametrize("preset,num_points", [("cpu", 6), ("gpu", 6), ("rate_distortion", 12),
+                                                ("warmup", 4)])
 def test_study_presets_expand_to_valid_configs(preset, num_points, monkeypatch):
     import pathlib
     monkeypatch.chdir(pathlib.Path(__file__).parent.parent)  # experiments_dir is relative
@@ -163,7 +164,9 @@ def test_study_presets_expand_to_valid_configs(preset, num_points, monkeypatch):
     assert len(points) == num_points
     by_name = {sweep.point_config(s, p, s.seeds[-1]).name: sweep.point_config(s, p, 0)
                for p in points}
-    if preset == "rate_distortion":
+    if preset == "warmup":  # no KL warm-up: beta is constant from the first step
+        assert all(c.loss.beta_schedule == "constant" for c in by_name.values())
+    if preset in ("rate_distortion", "warmup"):
         return
     # each point is its experiment file as the file defines it, plus the sweep's length
     for name, config in by_name.items():
