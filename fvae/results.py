@@ -4,6 +4,8 @@ and figures made from those files alone, so that they cannot drift apart.
     python -m fvae.results --publish runs/study docs/results/study   # copy, then tabulate
     python -m fvae.results docs/results/study                        # tabulate again
 
+`--no_run_figures` leaves out each run's figures (the sweep's figures stay): for a grid.
+
 `--publish SWEEP_DIR` copies each run's eval.json, metrics.jsonl, config.json,
 provenance.json and a few figures (never a checkpoint) to RESULTS_DIR/<point>/seed<k>/.
 Then, from those files: RESULTS_DIR/results.md (one row per run), the rate-distortion
@@ -39,19 +41,23 @@ def run_dirs(results_dir: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p.parent for p in results_dir.glob("**/config.json"))
 
 
-def publish(sweep_dir: pathlib.Path, results_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Copies the small files of every evaluated run of the sweep into results_dir."""
+def publish(sweep_dir: pathlib.Path, results_dir: pathlib.Path,
+            run_figures: bool = True) -> list[pathlib.Path]:
+    """Copies the small files of every evaluated run of the sweep into results_dir, with
+    each run's figures unless not `run_figures` (a large grid: the sweep's own figures,
+    one row per point, show them all in a fraction of the bytes)."""
     copied = []
     for run in run_dirs(sweep_dir):
         if not (run / "eval.json").exists():
             print(f"skipped {run}: not evaluated yet", file=sys.stderr)
             continue
         out = results_dir / run.relative_to(sweep_dir)
-        (out / "figures").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:
             if (run / name).exists():
                 shutil.copy2(run / name, out / name)
-        for name in RUN_FIGURES:
+        for name in RUN_FIGURES if run_figures else ():
+            (out / "figures").mkdir(exist_ok=True)
             if (run / "figures" / name).exists():
                 shutil.copy2(run / "figures" / name, out / "figures" / name)
         copied.append(out)
@@ -155,10 +161,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--publish", type=pathlib.Path, metavar="SWEEP_DIR",
                         help="first copy the small files of this sweep's runs")
     parser.add_argument("--readme", type=pathlib.Path, help="also update this README's block")
+    parser.add_argument("--no_run_figures", action="store_true",
+                        help="with --publish: copy the sweep's figures, not every run's")
     args = parser.parse_args(argv)
     try:
         if args.publish:
-            publish(args.publish, args.results_dir)
+            publish(args.publish, args.results_dir, run_figures=not args.no_run_figures)
         print(write(args.results_dir, args.readme), end="")
     except (compare.NotARunError, ValueError, json.JSONDecodeError) as e:
         sys.exit(f"error: {e}")

@@ -59,6 +59,17 @@ def test_publish_copies_the_evidence_and_tabulates_it(tmp_path):
     assert (out / "rate_distortion.png").stat().st_size > 1000
 
 
+def test_publish_can_leave_each_runs_figures_out(tmp_path):
+    sweep_dir, out = tmp_path / "sweep", tmp_path / "docs" / "grid"
+    fake_run(sweep_dir / "point-a" / "seed0", "a", "bce", 0.01, 30.0, 0.01)
+    (sweep_dir / "figures").mkdir()
+    (sweep_dir / "figures" / "samples_by_point.png").write_bytes(b"grid")
+    results.main([str(out), "--publish", str(sweep_dir), "--no_run_figures"])
+    assert (out / "point-a" / "seed0" / "eval.json").exists()
+    assert not (out / "point-a" / "seed0" / "figures").exists()
+    assert (out / "samples_by_point.png").read_bytes() == b"grid"
+
+
 def test_a_readme_without_the_block_is_named():
     with pytest.raises(ValueError, match="results:study"):
         results.replace_block("no markers\n", "study", "table")
