@@ -54,9 +54,9 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
         sweep.axes.warmup = ("on",)
         sweep.seeds = (0,)
         sweep.overrides.train = {"num_epochs": 3}
-    elif preset == "warmup":
-        sweep.axes.likelihood = ("bce", "mse-sum")
-        sweep.axes.beta = (1.0, 3.0)
+    elif preset == "warmup":  # (the likeliest collapse first: summed MSE, beta 3)
+        sweep.axes.likelihood = ("mse-sum", "bce")
+        sweep.axes.beta = (3.0, 1.0)
         sweep.axes.latent = (32,)
         sweep.axes.warmup = ("off",)
         sweep.seeds = (0,)

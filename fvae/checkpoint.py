@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import pathlib
 import shutil
 import time
@@ -100,6 +101,7 @@ class Checkpointer:
             raise CheckpointError(f"cannot create checkpoints in {self.root}: {e}. Choose a "
                                   "writable --workdir.") from e
         self.best_elbo = float("inf")
+        self._pending: dict[Any, int] = {}  # manager: the step its async save is writing
 
     # ---- saving ----
     def _args(self, tree: dict[str, Any], meta: dict[str, Any]):
@@ -126,25 +128,54 @@ class Checkpointer:
     def _save(self, manager, step: int, tree, **meta_extra) -> bool:
         """Saves the step unless it is saved already, with the checksums of its arrays in
         its meta; whether it saved."""
+        self._settle(manager, wait=True)  # (a failure is the earlier step's, named so)
         try:
             if step in manager.all_steps():
                 return False  # (e.g. an epoch end that is also a save point)
             meta = self._meta(step, checksums=checksums(tree), **meta_extra)
             manager.save(step, args=self._args(tree, meta), force=True)
-            return True
-        except OSError as e:
-            raise CheckpointError(f"could not write the checkpoint for step {step} under "
-                                  f"{self.root}: {write_failure(e)}; earlier checkpoints "
-                                  "are intact.") from e
+        except (OSError, ValueError) as e:
+            raise self._failed(step, e) from e
+        self._pending[manager] = step
+        return True
+
+    def check_saved(self) -> None:
+        """Raises CheckpointError if an asynchronous save has finished without committing
+        its step; called between steps, so a failed save stops training at once."""
+        for manager in list(self._pending):
+            self._settle(manager, wait=False)
 
     def wait(self) -> None:
         """Blocks until every asynchronous save has been committed."""
+        for manager in (self.latest, self.best):
+            self._settle(manager, wait=True)
+
+    def _settle(self, manager, wait: bool) -> None:
+        """Checks that the manager's pending save (if it has finished, or after waiting
+        for it) committed its step; raises CheckpointError naming that step if not."""
+        step = self._pending.get(manager)
+        if step is None:
+            return manager.wait_until_finished() if wait else None
+        if not wait and manager.is_saving_in_progress():
+            return
+        del self._pending[manager]
         try:
-            self.latest.wait_until_finished()
-            self.best.wait_until_finished()
-        except OSError as e:
-            raise CheckpointError(f"a checkpoint save under {self.root} failed: "
-                                  f"{write_failure(e)}; earlier checkpoints are intact.") from e
+            manager.wait_until_finished()
+        except (OSError, ValueError) as e:
+            raise self._failed(step, e) from e
+        manager.reload()
+        if step not in manager.all_steps():
+            raise self._failed(step, None)
+
+    def _failed(self, step: int | None, e: Exception | None) -> Exception:
+        """CheckpointError for a save that failed, by its cause; other errors as they are
+        (a ValueError that is not a storage error is a bug to be seen whole)."""
+        cause = save_failure(e) if e is not None else "it was not committed (see the log)"
+        if cause is None:
+            return e
+        what = "a checkpoint" if step is None else f"the checkpoint for step {step}"
+        return CheckpointError(f"could not write {what} under {self.root}: {cause}; "
+                               "earlier checkpoints are intact.")
 
     def latest_step(self) -> int | None:
         """The newest step saved (or being saved) as the latest checkpoint."""
@@ -248,6 +279,21 @@ class Checkpointer:
         logging.warning("checkpoint at step %d is unreadable (%s); moved it to %s and "
                         "trying the previous one", step, reason[:300], destination)
         self.latest.reload()
+
+
+# TensorStore's status codes, as Orbax raises them (ValueError('RESOURCE_EXHAUSTED: ...')).
+_STORAGE_STATUS = {"RESOURCE_EXHAUSTED": errno.ENOSPC, "PERMISSION_DENIED": errno.EACCES}
+
+
+def save_failure(e: Exception) -> str | None:
+    """What a failed save means and what to do; None if `e` is not a storage failure."""
+    if isinstance(e, OSError):
+        return write_failure(e)
+    code = str(e).split(":", 1)[0].strip()
+    if code not in _STORAGE_STATUS:
+        return None
+    number = _STORAGE_STATUS[code]
+    return write_failure(OSError(number, os.strerror(number)))
 
 
 def write_failure(e: OSError) -> str:

@@ -19,8 +19,15 @@ class OwnInfoOnly(logging.Filter):
         self.prefixes = (OWN_DIR, *map(os.path.abspath, extra_files))
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or \
-            os.path.abspath(record.pathname).startswith(self.prefixes)
+        own = os.path.abspath(record.pathname).startswith(self.prefixes)
+        if not own and record.exc_info and record.levelno >= logging.ERROR:
+            # A library's error in a background thread (Orbax's failed save): its first
+            # line, not its traceback; fvae reports the failure itself (FVAE_TRACEBACK=1
+            # keeps the traceback).
+            if not os.environ.get("FVAE_TRACEBACK"):
+                record.exc_info, record.exc_text = None, None
+                record.msg, record.args = str(record.getMessage()).splitlines()[0][:400], ()
+        return record.levelno >= logging.WARNING or own
 
 
 def show_own_info(*extra_files: str) -> None:
@@ -53,4 +60,7 @@ def exit_for_user_error(program: str, error: BaseException) -> None:
         print(f"{program}: the config file has a syntax error:\n{message}", file=sys.stderr)
     else:
         print(f"{program}: {type(error).__name__}: {error}", file=sys.stderr)
+    # A failed save can leave Orbax's coroutines behind, whose teardown would print
+    # "Exception ignored ... Event loop is closed" by the hundred: not a user's concern.
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(2)

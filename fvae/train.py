@@ -340,6 +340,8 @@ def _loop(runs: list[Run], program: Program, progress: Progress) -> None:
             progress.sums = jax.tree.map(jnp.add, progress.sums, chunk)
             progress.step = step = previous + n
             bar.update(n)
+            for run in runs:  # a failed asynchronous save stops the run here
+                run.ckpt and run.ckpt.check_saved()
 
             # ---- host work that falls due at the chunk's end
             save_now = save_due(config, previous, step, epoch_end, schedule.total_steps)

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -399,3 +400,63 @@ def test_a_failed_write_is_explained_by_its_cause():
     denied = checkpoint.write_failure(PermissionError(errno.EACCES, "Permission denied"))
     assert full.startswith("the disk is full") and "Free space" in full
     assert denied.startswith("permission denied") and "Free" not in denied
+
+
+def test_a_storage_error_from_orbax_is_named_by_its_cause():
+    full = checkpoint.save_failure(ValueError('RESOURCE_EXHAUSTED: Error writing "x" in '
+                                              'OCDBT database: No space left on device'))
+    denied = checkpoint.save_failure(ValueError("PERMISSION_DENIED: Error opening file"))
+    assert full.startswith("the disk is full") and "OCDBT" not in full
+    assert denied.startswith("permission denied")
+    assert checkpoint.save_failure(ValueError("shapes do not match")) is None  # a bug
+
+
+class _FailsInTheBackground:
+    """A checkpoint manager whose asynchronous save of `step` fails after save() returns,
+    as a full disk does: the failure shows when the save is waited for."""
+
+    def __init__(self, manager, step: int):
+        self._manager, self._step, self._failing = manager, step, False
+
+    def __getattr__(self, name):
+        return getattr(self._manager, name)
+
+    def save(self, step, **kwargs):
+        self._failing = self._failing or step == self._step
+        return self._manager.save(step, **kwargs)
+
+    def is_saving_in_progress(self):
+        return not self._failing and self._manager.is_saving_in_progress()
+
+    def wait_until_finished(self):
+        self._manager.wait_until_finished()
+        if self._failing:
+            self._failing = False
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "train_state" in OCDBT')
+
+
+def test_a_failed_async_save_stops_training_at_the_next_step(make_config, tmp_path,
+                                                              monkeypatch):
+    real = checkpoint._manager
+    monkeypatch.setattr(checkpoint, "_manager", lambda directory, *a: (
+        _FailsInTheBackground(real(directory, *a), 4) if directory.name == "latest"
+        else real(directory, *a)))
+    config = make_config(**{"checkpoint.every_steps": 4})  # saves at steps 4 and 8
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="checkpoint for step 4 .*the disk is full.*intact"):
+        train.train_and_evaluate(config, str(tmp_path))
+    # it stopped before the epoch's end at step 8 (waiting for the next save would
+    # have trained and evaluated the whole epoch first)
+    assert not [r for r in read_metrics(tmp_path) if r["split"] == "validation"]
+
+
+def test_a_save_that_ends_without_its_step_is_a_failure(make_config, tmp_path):
+    ckpt = checkpoint.Checkpointer(tmp_path, make_config())
+    tree = {"w": np.arange(3.0)}
+    assert ckpt.save(4, tree) is None
+    ckpt.latest.wait_until_finished()
+    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "4")  # as if never committed
+    with pytest.raises(checkpoint.CheckpointError, match="step 4.*not committed"):
+        ckpt.check_saved()
+    ckpt.check_saved()  # reported once
+    ckpt.close()

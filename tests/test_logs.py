@@ -18,3 +18,20 @@ def test_own_info_only_keeps_fvae_info_and_library_warnings(tmp_path):
     assert keep.filter(record(os.path.join(logs.OWN_DIR, "train.py"), logging.INFO))
     assert keep.filter(record(str(tmp_path / "launch.py"), logging.INFO))
     assert not keep.filter(record(str(tmp_path / "other.py"), logging.INFO))
+
+
+def test_a_librarys_error_traceback_is_cut_to_its_first_line(monkeypatch):
+    keep = logs.OwnInfoOnly()
+    try:
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing")
+    except ValueError:
+        import sys
+        exc_info = sys.exc_info()
+    error = logging.LogRecord("x", logging.ERROR, "/site-packages/orbax/future.py", 1,
+                              "save thread raised: %s\nmore", ("boom",), exc_info)
+    monkeypatch.delenv("FVAE_TRACEBACK", raising=False)
+    assert keep.filter(error)
+    assert logging.Formatter().format(error) == "save thread raised: boom"
+    own = logging.LogRecord("x", logging.ERROR, os.path.join(logs.OWN_DIR, "train.py"), 1,
+                            "ours", None, exc_info)
+    assert keep.filter(own) and own.exc_info is exc_info  # fvae's own keep theirs
