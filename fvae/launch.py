@@ -49,6 +49,8 @@ def main(argv):
         run_mode(configs.validate(FLAGS.config))
     except USER_ERRORS as e:
         logs.exit_for_user_error("fvae-train", e)
+    except KeyboardInterrupt:  # a second Ctrl-C stops at once (the first saves first)
+        logs.exit_interrupted("fvae-train")
 
 
 def run_mode(config) -> None:

@@ -64,3 +64,16 @@ def exit_for_user_error(program: str, error: BaseException) -> None:
     # "Exception ignored ... Event loop is closed" by the hundred: not a user's concern.
     sys.unraisablehook = lambda unraisable: None
     sys.exit(2)
+
+
+def exit_interrupted(program: str) -> None:
+    """Ends the process on a KeyboardInterrupt (a second Ctrl-C, or one where no run
+    catches it, as in --mode eval): one line and exit status 130, no traceback. The
+    checkpoints saved before it stay, so rerunning the command resumes."""
+    import sys
+    if os.environ.get("FVAE_TRACEBACK"):
+        raise KeyboardInterrupt
+    print(f"{program}: interrupted. Checkpoints saved before it are kept: rerun the same "
+          "command to resume.", file=sys.stderr)
+    sys.unraisablehook = lambda unraisable: None
+    sys.exit(130)

@@ -35,3 +35,24 @@ def test_a_librarys_error_traceback_is_cut_to_its_first_line(monkeypatch):
     own = logging.LogRecord("x", logging.ERROR, os.path.join(logs.OWN_DIR, "train.py"), 1,
                             "ours", None, exc_info)
     assert keep.filter(own) and own.exc_info is exc_info  # fvae's own keep theirs
+
+
+def test_an_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
+    import pytest
+    from fvae import launch
+    monkeypatch.delenv("FVAE_TRACEBACK", raising=False)
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(launch, "run_mode", interrupted)
+    monkeypatch.setattr(launch.configs, "validate", lambda config: config)
+    import types
+    monkeypatch.setattr(launch, "FLAGS", types.SimpleNamespace(config=None))
+    with pytest.raises(SystemExit) as stopped:
+        launch.main(["fvae-train"])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "resume" in err
+    monkeypatch.setenv("FVAE_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        launch.main(["fvae-train"])
