@@ -142,13 +142,22 @@ class Checkpointer:
     def check_saved(self) -> None:
         """Raises CheckpointError if an asynchronous save has finished without committing
         its step; called between steps, so a failed save stops training at once."""
+        if jax.process_count() > 1:
+            return  # hosts would stop at different steps: the next save checks, on all
         for manager in list(self._pending):
             self._settle(manager, wait=False)
 
     def wait(self) -> None:
-        """Blocks until every asynchronous save has been committed."""
+        """Blocks until every asynchronous save has been committed; raises the first
+        failure once both have been waited for."""
+        errors = []
         for manager in (self.latest, self.best):
-            self._settle(manager, wait=True)
+            try:
+                self._settle(manager, wait=True)
+            except CheckpointError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def _settle(self, manager, wait: bool) -> None:
         """Checks that the manager's pending save (if it has finished, or after waiting
@@ -158,11 +167,12 @@ class Checkpointer:
             return manager.wait_until_finished() if wait else None
         if not wait and manager.is_saving_in_progress():
             return
-        del self._pending[manager]
         try:
             manager.wait_until_finished()
         except (OSError, ValueError) as e:
+            del self._pending[manager]
             raise self._failed(step, e) from e
+        del self._pending[manager]
         manager.reload()
         if step not in manager.all_steps():
             raise self._failed(step, None)
@@ -290,9 +300,11 @@ def save_failure(e: Exception) -> str | None:
     if isinstance(e, OSError):
         return write_failure(e)
     code = str(e).split(":", 1)[0].strip()
-    if code not in _STORAGE_STATUS:
+    number = _STORAGE_STATUS.get(code) or next(
+        (n for n in (errno.ENOSPC, errno.EACCES, errno.EROFS) if os.strerror(n) in str(e)),
+        None)
+    if number is None:
         return None
-    number = _STORAGE_STATUS[code]
     return write_failure(OSError(number, os.strerror(number)))
 
 

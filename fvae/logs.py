@@ -26,7 +26,11 @@ class OwnInfoOnly(logging.Filter):
             # keeps the traceback).
             if not os.environ.get("FVAE_TRACEBACK"):
                 record.exc_info, record.exc_text = None, None
-                record.msg, record.args = str(record.getMessage()).splitlines()[0][:400], ()
+                try:
+                    first = (record.getMessage().splitlines() or [""])[0][:400]
+                except Exception:  # noqa: BLE001 - a filter must never raise
+                    first = str(record.msg)[:400]
+                record.msg, record.args = first, ()
         return record.levelno >= logging.WARNING or own
 
 

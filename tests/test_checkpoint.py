@@ -408,6 +408,8 @@ def test_a_storage_error_from_orbax_is_named_by_its_cause():
     denied = checkpoint.save_failure(ValueError("PERMISSION_DENIED: Error opening file"))
     assert full.startswith("the disk is full") and "OCDBT" not in full
     assert denied.startswith("permission denied")
+    unknown = checkpoint.save_failure(ValueError("UNKNOWN: write failed: No space left on device"))
+    assert unknown.startswith("the disk is full")
     assert checkpoint.save_failure(ValueError("shapes do not match")) is None  # a bug
 
 
@@ -441,7 +443,8 @@ def test_a_failed_async_save_stops_training_at_the_next_step(make_config, tmp_pa
     monkeypatch.setattr(checkpoint, "_manager", lambda directory, *a: (
         _FailsInTheBackground(real(directory, *a), 4) if directory.name == "latest"
         else real(directory, *a)))
-    config = make_config(**{"checkpoint.every_steps": 4})  # saves at steps 4 and 8
+    config = make_config(**{"checkpoint.every_steps": 4,  # saves at steps 4 and 8,
+                            "runtime.steps_per_dispatch": 1})  # checked after each step
     with pytest.raises(checkpoint.CheckpointError,
                        match="checkpoint for step 4 .*the disk is full.*intact"):
         train.train_and_evaluate(config, str(tmp_path))

@@ -35,11 +35,18 @@ def test_a_librarys_error_traceback_is_cut_to_its_first_line(monkeypatch):
     own = logging.LogRecord("x", logging.ERROR, os.path.join(logs.OWN_DIR, "train.py"), 1,
                             "ours", None, exc_info)
     assert keep.filter(own) and own.exc_info is exc_info  # fvae's own keep theirs
+    empty = logging.LogRecord("x", logging.ERROR, "/site-packages/orbax/future.py", 1, "",
+                              None, exc_info)
+    assert keep.filter(empty) and empty.getMessage() == ""
 
 
 def test_an_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
+    import sys
+
     import pytest
+
     from fvae import launch
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # it sets its own
     monkeypatch.delenv("FVAE_TRACEBACK", raising=False)
 
     def interrupted(config):
