@@ -322,7 +322,7 @@ def _loop(runs: list[Run], program: Program, progress: Progress) -> None:
     config, schedule, dp, seeds = program.config, program.schedule, program.dp, program.seeds
     images = dp.replicate(program.dataset.train_images)
     train_key = dp.replicate(seeds.stack([run.keys.train for run in runs]))
-    perm_epoch, perm = None, None
+    perm_epoch, perm, in_flight = None, None, None
     progress.start_time = time.time()
     progress.restart_timer()
     with _progress_bar(schedule.total_steps, progress.step, config.report.progress_bar) as bar, \
@@ -337,6 +337,11 @@ def _loop(runs: list[Run], program: Program, progress: Progress) -> None:
             n = chunk_length(previous, epoch_start, epoch_end, program.per_dispatch)
             progress.state, chunk = program.train_chunk(progress.state, images, perm,
                                                         train_key, num_steps=n)
+            # The host runs at most one chunk ahead of the device (JAX dispatches
+            # asynchronously): a signal is then handled within a chunk, not when the
+            # queue drains at the epoch's end, and the next chunk is queued meanwhile.
+            jax.block_until_ready(in_flight)
+            in_flight = chunk
             progress.sums = jax.tree.map(jnp.add, progress.sums, chunk)
             progress.step = step = previous + n
             bar.update(n)
