@@ -177,15 +177,14 @@ class Checkpointer:
         if step not in manager.all_steps():
             raise self._failed(step, None)
 
-    def _failed(self, step: int | None, e: Exception | None) -> Exception:
+    def _failed(self, step: int, e: Exception | None) -> Exception:
         """CheckpointError for a save that failed, by its cause; other errors as they are
         (a ValueError that is not a storage error is a bug to be seen whole)."""
         cause = save_failure(e) if e is not None else "it was not committed (see the log)"
         if cause is None:
             return e
-        what = "a checkpoint" if step is None else f"the checkpoint for step {step}"
-        return CheckpointError(f"could not write {what} under {self.root}: {cause}; "
-                               "earlier checkpoints are intact.")
+        return CheckpointError(f"could not write the checkpoint for step {step} under "
+                               f"{self.root}: {cause}; earlier checkpoints are intact.")
 
     def latest_step(self) -> int | None:
         """The newest step saved (or being saved) as the latest checkpoint."""

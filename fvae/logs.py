@@ -64,10 +64,7 @@ def exit_for_user_error(program: str, error: BaseException) -> None:
         print(f"{program}: the config file has a syntax error:\n{message}", file=sys.stderr)
     else:
         print(f"{program}: {type(error).__name__}: {error}", file=sys.stderr)
-    # A failed save can leave Orbax's coroutines behind, whose teardown would print
-    # "Exception ignored ... Event loop is closed" by the hundred: not a user's concern.
-    sys.unraisablehook = lambda unraisable: None
-    sys.exit(2)
+    _exit_quietly(2)
 
 
 def exit_interrupted(program: str) -> None:
@@ -79,5 +76,13 @@ def exit_interrupted(program: str) -> None:
         raise KeyboardInterrupt
     print(f"{program}: interrupted. Checkpoints saved before it are kept: rerun the same "
           "command to resume.", file=sys.stderr)
+    _exit_quietly(130)
+
+
+def _exit_quietly(status: int) -> None:
+    """Exits with `status` once the message is out. A failed save or an interrupt can
+    leave Orbax's coroutines behind, whose teardown would print "Exception ignored ...
+    Event loop is closed" by the hundred: not a user's concern."""
+    import sys
     sys.unraisablehook = lambda unraisable: None
-    sys.exit(130)
+    sys.exit(status)
