@@ -67,13 +67,15 @@ def depth_to_space(y: jax.Array, features: int) -> jax.Array:
     return y.reshape(b, 2 * h, 2 * w, features)
 
 
-def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def subpixel_conv_transpose(x: jax.Array, kernel: jax.Array,
+                            bias: jax.Array | None = None) -> jax.Array:
     """nn.ConvTranspose(O, (3, 3), strides=(2, 2), padding='SAME') with `kernel` (3, 3, C, O)
-    and `bias` applied to x [B, H, W, C], computed as one ordinary 2x2 conv plus
+    and `bias` (if any) applied to x [B, H, W, C], computed as one ordinary 2x2 conv plus
     depth-to-space."""
     y = jax.lax.conv_general_dilated(x, phase_kernel(kernel).astype(x.dtype), (1, 1),
                                      ((1, 0), (1, 0)), dimension_numbers=NHWC)
-    return depth_to_space(y, kernel.shape[-1]) + bias
+    y = depth_to_space(y, kernel.shape[-1])
+    return y if bias is None else y + bias
 
 
 class ConvTransposeReLU(nn.Module):

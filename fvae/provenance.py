@@ -61,8 +61,9 @@ def versions() -> dict[str, str | None]:
 
 
 def machine(config=None) -> dict[str, Any]:
-    """Devices (kind, count), the CPU, XLA_FLAGS and the kernel tiles where fvae's CPU
-    kernels ran; with a config, its runtime settings."""
+    """Devices (kind, count), the CPU, XLA_FLAGS and, where fvae's CPU kernels may run,
+    their candidate tile sets; with a config, its runtime settings. (Which computed
+    each layer is known once the step is traced: see `add_to_latest`.)"""
     import jax  # here: reading and comparing records needs no JAX
 
     from fvae import cpu
@@ -74,7 +75,7 @@ def machine(config=None) -> dict[str, Any]:
     if config is not None:
         record["runtime"] = configs.flatten(config.runtime)
         if record["backend"] == "cpu" and config.runtime.cpu_conv3x3 == "fvae":
-            record["kernel_tiles"] = cpu.tiles()
+            record["kernel_candidates"] = list(cpu.candidates())
     return record
 
 
@@ -91,6 +92,19 @@ def append(workdir: str | os.PathLike, entry: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"sessions": sessions + [entry]}, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def add_to_latest(workdir: str | os.PathLike, fields: dict[str, Any]) -> None:
+    """Sets `fields` in the latest session of workdir/provenance.json (rewriting it only
+    if they change it): what becomes known after the session starts, such as the CPU
+    kernels' measured choices."""
+    sessions = read(workdir)
+    if sessions and any(sessions[-1].get(k) != v for k, v in fields.items()):
+        sessions[-1].update(fields)
+        path = pathlib.Path(workdir) / FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"sessions": sessions}, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def read(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -420,7 +420,17 @@ def _end_epoch(runs: list[Run], program: Program, progress: Progress, epoch: int
         check_skipped(run, metrics["skipped"], steps_summed, epoch)
     if steps_summed == program.schedule.steps_per_epoch:
         progress.sums = program.dp.replicate(program.seeds.stack([zero_metrics() for _ in runs]))
+    _record_kernel_choices(runs)
     progress.restart_timer()
+
+
+def _record_kernel_choices(runs: list[Run]) -> None:
+    """Adds to each run's provenance which implementation computed each CPU layer, as
+    measured when the steps were traced (fvae/cpu/dispatch.py); nothing elsewhere."""
+    choices = cpu.kernel_choices()
+    if choices and jax.process_index() == 0:
+        for run in runs:
+            provenance.add_to_latest(run.workdir, {"kernel_choices": choices})
 
 
 def _log_epoch(run: Run, program: Program, state: TrainState, train_metrics: dict,

@@ -62,8 +62,10 @@ def test_the_benchmark_runs_end_to_end(tmp_path):
     assert len(row["rounds_images_per_sec"]) == 2 and row["images_per_sec"] > 0
     assert row["iwae_draws_per_sec"] > 0 and row["peak_memory_mb"] > 0
     assert 0 < row["iwae_useful_gflops"] < 2 * report["matmul_peak_gflops"]
-    from fvae import cpu  # the kernels' tiles for this host, and the host, on record
-    assert row["kernel_tiles"] == cpu.tiles() and report["cpu"].count(",") >= 1
+    from fvae import cpu  # which computed each layer, as measured here, and the host
+    assert any(k.startswith("conv_transpose_bias_relu ") for k in row["kernel_choices"])
+    assert set(row["kernel_choices"].values()) <= {*cpu.candidates(), "xla"}
+    assert report["cpu"].count(",") >= 1
 
 
 def test_useful_multiply_adds_of_the_study_model():

@@ -1,6 +1,8 @@
 """fvae's CPU kernels for 3x3 convolutions and stride-2 transposed convolutions: the
-convolution and both gradients equal XLA's (nn.ConvTranspose's), whatever the channels,
-batch, vmapping or number of threads."""
+convolution and both gradients equal XLA's (nn.ConvTranspose's), with every candidate
+register-tile set, whatever the channels, batch, vmapping or number of threads. Each
+test forces one tile set (FVAE_KERNEL_TILES), so that the kernels, not the measured
+dispatch's choice (tests/test_cpu_dispatch.py), are what is checked."""
 
 import logging
 import os
@@ -19,6 +21,25 @@ from fvae import configs, cpu, models, train
 from fvae.cpu import kernels as cpu_kernels
 
 NHWC = cpu_kernels.NHWC
+HOST_TILES = cpu_kernels.candidates()[0]
+# Every instruction set's candidates, which any x86-64 or Arm host compiles (as plain
+# SIMD where it lacks the instruction set): a tile size that miscounts a remainder shows
+# up on any host.
+EVERY_TILE_SET = sorted({t for sets in cpu_kernels.CANDIDATES.values() for t in sets})
+
+
+@pytest.fixture(autouse=True)
+def host_tiles(monkeypatch):
+    """The host's first candidate for every layer, unmeasured."""
+    monkeypatch.setenv(cpu_kernels.TILES_VARIABLE, HOST_TILES)
+
+
+@pytest.fixture(params=EVERY_TILE_SET)
+def tiles(request, monkeypatch):
+    """Each candidate tile set in turn, forced for every layer."""
+    monkeypatch.setenv(cpu_kernels.TILES_VARIABLE, request.param)
+    assert cpu_kernels.load() == (request.param,)
+    return request.param
 
 
 def xla_conv(x, kernel):
@@ -50,10 +71,12 @@ def random(shape, seed, scale=1.0):
     (7, 5, 3, 16),  # in-channels that no tile fits; a batch that 8 does not divide
     (13, 9, 48, 8),  # a prime batch: groups of one image
 ])
-def test_convolution_and_gradients_equal_xla(batch, size, c_in, c_out):
+def test_convolution_and_gradients_equal_xla(batch, size, c_in, c_out, tiles):
     x, kernel = random((batch, size, size, c_in), 0), random((3, 3, c_in, c_out), 1, 0.1)
     dy = random((batch, size, size, c_out), 2)
     assert cpu_kernels.covers(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+    assert f"fvae_conv3x3_weight_grad_{tiles.replace(',', '_')}" in str(jax.make_jaxpr(
+        lambda *args: value_and_grads(cpu_kernels.conv3x3, *args, dy=dy))(x, kernel))
     for ours, reference in zip(value_and_grads(cpu_kernels.conv3x3, x, kernel, dy=dy),
                                value_and_grads(xla_conv, x, kernel, dy=dy)):
         np.testing.assert_allclose(ours, reference, rtol=1e-4,
@@ -63,7 +86,7 @@ def test_convolution_and_gradients_equal_xla(batch, size, c_in, c_out):
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("batch,size,c_in,c_out", [(8, 28, 32, 32), (5, 7, 16, 48)])
 def test_fused_bias_residual_relu_and_gradients_equal_xla(batch, size, c_in, c_out,
-                                                          with_residual):
+                                                          with_residual, tiles):
     """relu(residual + (conv + bias)) in one kernel pass: the residual block's convs."""
     x, kernel = random((batch, size, size, c_in), 0), random((3, 3, c_in, c_out), 1, 0.1)
     bias, residual = random((c_out,), 2), random((batch, size, size, c_out), 3)
@@ -115,7 +138,8 @@ def flax_conv_transpose(x, kernel, bias=None, relu=False):
     (13, 5, 16, 48),  # a prime batch; three output tiles of 16
     (3, 1, 32, 16),  # one pixel: only the taps inside the output
 ])
-def test_transposed_convolution_and_gradients_equal_flax(batch, size, c_in, c_out, relu):
+def test_transposed_convolution_and_gradients_equal_flax(batch, size, c_in, c_out, relu,
+                                                         tiles):
     x, kernel = random((batch, size, size, c_in), 0), random((3, 3, c_in, c_out), 1, 0.1)
     bias, dy = random((c_out,), 2), random((batch, 2 * size, 2 * size, c_out), 3)
     ours = lambda x, k, b: cpu_kernels.conv_transpose(x, k, b, relu)
@@ -251,49 +275,49 @@ def test_xla_choice_returns_the_plain_model_and_a_bad_one_is_refused():
 def test_without_a_compiler_xla_runs_the_convolutions(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("FVAE_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):  # (_load itself caches its answer)
+        assert cpu_kernels._load.__wrapped__(cpu_kernels.candidates()) == ()
+    assert "XLA's convolutions are used" in caplog.text and "cpu_conv3x3='xla'" in caplog.text
+
+
+def test_a_candidate_that_does_not_compile_leaves_the_others(monkeypatch, caplog):
+    """A tile set the compiler fails on is dropped with a warning; the others load."""
+    compile_for = cpu_kernels.library_path
+
+    def failing_for_one(tiles):
+        if tiles == "8,2,6,6":
+            raise subprocess.CalledProcessError(1, "c++", stderr="internal compiler error")
+        return compile_for(tiles)
+
+    monkeypatch.setattr(cpu_kernels, "library_path", failing_for_one)
     with caplog.at_level(logging.WARNING):
-        assert not cpu_kernels.load.__wrapped__()  # load() itself caches its answer
-    assert "XLA's is used" in caplog.text and "cpu_conv3x3='xla'" in caplog.text
+        assert cpu_kernels._load.__wrapped__((HOST_TILES, "8,2,6,6")) == (HOST_TILES,)
+    assert "tiles 8,2,6,6 could not be compiled" in caplog.text
+    assert "the other tile sets are measured" in caplog.text and "internal compiler" in caplog.text
 
 
 def test_the_compiled_library_is_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("FVAE_CACHE_DIR", str(tmp_path))
-    path = cpu_kernels.library_path()
+    path = cpu_kernels.library_path(HOST_TILES)
     assert path.parent == tmp_path / "kernels" and path.exists()
     monkeypatch.setattr(cpu_kernels.subprocess, "run", None)  # compiling again would fail
-    assert cpu_kernels.library_path() == path
+    assert cpu_kernels.library_path(HOST_TILES) == path
 
 
-# Each instruction set's register tiles (FVAE_TILES in conv3x3.cc), which any x86-64 or
-# Arm host compiles (as plain SIMD where it lacks the instruction set). The tests above
-# check the host's own tiles.
-TILE_SETS = {"avx512": "16,2,14,8", "avx2": "8,4,3,3", "neon": "4,4,6,6", "sse": "4,2,6,6"}
+def test_the_host_measures_its_instruction_sets_candidates(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.TILES_VARIABLE)
+    assert cpu_kernels.candidates() == cpu_kernels.CANDIDATES[cpu_kernels.instruction_set()]
+    assert not cpu_kernels.forced()
+    assert cpu_kernels.load() == cpu_kernels.candidates()  # every one compiles here
+    monkeypatch.setenv(cpu_kernels.TILES_VARIABLE, "8,4,3,3; 8,2,6,6")
+    assert cpu_kernels.candidates() == ("8,4,3,3", "8,2,6,6") and not cpu_kernels.forced()
 
 
-def test_the_host_compiles_one_of_the_tile_sets():
-    assert cpu_kernels.tiles() in TILE_SETS.values() or \
-        cpu_kernels.TILES_VARIABLE in os.environ
-
-
-@pytest.mark.skipif(cpu_kernels.TILES_VARIABLE in os.environ,
-                    reason="already running one instruction set's tiles")
-@pytest.mark.parametrize("isa", TILE_SETS)
-def test_every_instruction_sets_tiles_compute_the_same(isa):
-    """The equality tests above with the kernels compiled for another instruction set's
-    tiles, in a child process: a tile size that miscounts a remainder shows up on any
-    host. (The compiled libraries stay in the cache, one per tile set.)"""
-    if TILE_SETS[isa] == cpu_kernels.tiles():
-        pytest.skip(f"the host's own tiles ({isa}): the tests above ran them")
-    env = {**os.environ, cpu_kernels.TILES_VARIABLE: TILE_SETS[isa]}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__, "-k",
-         "convolution_and_gradients_equal or fused_bias_residual or host_compiles"],
-        env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parent.parent)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout
-
-
-def test_a_malformed_tiles_variable_is_refused(monkeypatch):
-    monkeypatch.setenv(cpu_kernels.TILES_VARIABLE, "8,4")
-    with pytest.raises(ValueError, match="FVAE_KERNEL_TILES='8,4'.*'8,4,3,3'"):
-        cpu_kernels.compile_command(cpu_kernels.SOURCE, pathlib.Path("out.so"))
+@pytest.mark.parametrize("value", ["8,4", "8,4,3,3;", "32,1,1,1", ""])
+def test_a_malformed_tiles_variable_is_refused(monkeypatch, value):
+    monkeypatch.setenv(cpu_kernels.TILES_VARIABLE, value)
+    if value == "8,4,3,3;":  # a trailing separator is only that
+        assert cpu_kernels.candidates() == ("8,4,3,3",)
+        return
+    with pytest.raises(ValueError, match=f"FVAE_KERNEL_TILES={value!r}.*'8,4,3,3;8,2,6,6'"):
+        cpu_kernels.candidates()

@@ -136,7 +136,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         config.runtime.num_devices = spec["devices"]
     dp = parallel.make_data_parallel(spec["devices"], spec.get("reduce", "auto"))
     model = train.training_model(config, dp)
-    chunk, state, inputs, per_call = _step_inputs(config, spec, dp, model)
+    chunk, state, inputs, per_call = step_inputs(config, spec, dp, model)
     seconds, calls, compile_s, faults = _time_chunk(chunk, state, inputs, per_call,
                                                     spec["steps"])
     steps_timed = calls * per_call
@@ -153,7 +153,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
               "page_faults_per_step": faults / steps_timed}
     if jax.default_backend() == "cpu" and config.runtime.cpu_conv3x3 == "fvae" \
             and not dp.partitioned_by_xla:  # (XLA's partitioner runs XLA's convs)
-        result["kernel_tiles"] = cpu.tiles()  # the host's instruction set's
+        result["kernel_choices"] = cpu.kernel_choices()  # as measured on this machine
     if spec.get("iwae_samples"):
         result.update(time_iwae(model, config, spec))
     if spec.get("epochs"):
@@ -161,7 +161,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _step_inputs(config, spec: dict[str, Any], dp, model):
+def step_inputs(config, spec: dict[str, Any], dp, model):
     """The compiled chunk of steps training runs, its state and inputs (random images
     resident on the device, spec['seeds'] seeds stacked), and the steps per call."""
     import jax
@@ -248,7 +248,7 @@ def throughput(config, steps: int = 6, iwae_samples: int = 100) -> dict[str, flo
     spec = {"seeds": 1, "batch_size": config.train.batch_size, "steps_per_dispatch": 1,
             "num_images": 4 * config.train.batch_size, "iwae_samples": iwae_samples,
             "iwae_images": 8}
-    chunk, state, inputs, per_call = _step_inputs(config, spec, dp, model)
+    chunk, state, inputs, per_call = step_inputs(config, spec, dp, model)
     seconds, calls, _, _ = _time_chunk(chunk, state, inputs, per_call, steps)
     iwae = time_iwae(model, config, spec)
     return {"train_images_per_sec": calls * per_call * config.train.batch_size / seconds,

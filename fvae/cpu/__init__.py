@@ -5,7 +5,8 @@ fvae's CPU-specific code: everything else imports `fvae.cpu`, never its modules.
 
 `accelerate` returns the model with its `apply` run under `nn.intercept_methods`: on
 the CPU backend, every layer whose shapes fvae's C++ kernels cover (fvae/cpu/kernels.py,
-source in csrc/) is computed by them, from the layer's own parameters:
+source in csrc/) is computed by them where they were measured faster than XLA on this
+machine (fvae/cpu/dispatch.py), from the layer's own parameters:
   - `nn.Conv` 3x3, stride 1, 'SAME' (any model's), by the conv kernel;
   - `models.ResBlock`, each conv with its bias, ReLU and skip connection in one pass;
   - `models.ConvTransposeReLU` (model.upsample='subpixel'), bias and ReLU in one pass.
@@ -25,13 +26,14 @@ from typing import Any
 import flax.linen as nn
 
 from fvae import configs, models
-from fvae.cpu import kernels
-from fvae.cpu.kernels import cpu_description, cpu_fingerprint, tiles
+from fvae.cpu import dispatch, kernels
+from fvae.cpu.kernels import candidates, cpu_description, cpu_fingerprint, kernel_choices
 from fvae.cpu.process import (configure_cpu_convolutions, cpu_device_count,
                               huge_pages_restart_env, restart_with_huge_pages, setup,
                               with_huge_pages)
 
-__all__ = ["accelerate", "Accelerated", "cpu_description", "cpu_fingerprint", "tiles", "setup",
+__all__ = ["accelerate", "Accelerated", "candidates", "cpu_description", "cpu_fingerprint",
+           "kernel_choices", "setup",
            "restart_with_huge_pages", "huge_pages_restart_env", "with_huge_pages",
            "cpu_device_count", "configure_cpu_convolutions"]
 

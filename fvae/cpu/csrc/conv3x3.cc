@@ -23,7 +23,7 @@
 // Why: XLA:CPU (jaxlib 0.10) runs these convolutions' gradients at a third to a half of
 // the machine's peak. Here each output tile stays in registers while it sweeps inputs
 // that stay in L1 cache. GCC's vector extensions make the code AVX-512, AVX2, NEON or SSE
-// as the host is (-march=native), with tiles sized for that instruction set (FVAE_TILES).
+// as the host is (-march=native), with register tiles set at compile time (FVAE_TILES).
 
 #include <algorithm>
 #include <atomic>
@@ -43,21 +43,15 @@ namespace ffi = xla::ffi;
 namespace {
 
 // Output tiles held in registers: kTileVectors vectors of output channels by
-// kTilePixels pixels (convolutions) or by kTileInputs input channels (weight gradients),
-// sized per instruction set so that the accumulators, the kTileVectors operands of one
-// step and a broadcast fit the vector registers. A tile that spills runs at a fraction
-// of the FMA units' rate (the AVX-512 tiles compiled for AVX2, 16 registers of 8 floats,
-// were not even inlined: 12-28x slower than XLA's convolutions).
-#ifndef FVAE_TILES  // (kLanes, kTileVectors, kTilePixels, kTileInputs), to experiment
-#if defined(__AVX512F__)  // 32 registers of 16 floats: 14 x 2 accumulators
-#define FVAE_TILES 16, 2, 14, 8
-#elif defined(__AVX__)  // 16 registers of 8 floats: 3 x 4 accumulators
-#define FVAE_TILES 8, 4, 3, 3
-#elif defined(__aarch64__)  // 32 registers of 4 floats: 6 x 4 accumulators
-#define FVAE_TILES 4, 4, 6, 6
-#else  // SSE: 16 registers of 4 floats: 6 x 2 accumulators
-#define FVAE_TILES 4, 2, 6, 6
-#endif
+// kTilePixels pixels (convolutions) or by kTileInputs input channels (weight gradients).
+// The accumulators, the kTileVectors operands of one step and a broadcast should fit
+// the vector registers: a tile that spills runs at a fraction of the FMA units' rate.
+// Which tile is fastest depends on the CPU, not just its instruction set (the tiles
+// chosen on AMD lost on Intel), so fvae/cpu/kernels.py compiles one library per
+// candidate tile set (-DFVAE_TILES=lanes,vectors,pixels,inputs) and times them against
+// XLA for each layer (fvae/cpu/dispatch.py).
+#ifndef FVAE_TILES
+#error "compile with -DFVAE_TILES=lanes,vectors,pixels,inputs (fvae/cpu/kernels.py does)"
 #endif
 constexpr int kTiles[] = {FVAE_TILES};
 constexpr int kLanes = kTiles[0], kTileVectors = kTiles[1], kTilePixels = kTiles[2],
