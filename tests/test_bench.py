@@ -80,3 +80,43 @@ def test_useful_multiply_adds_of_the_study_model():
                + 2 * 2 * 28 * 28 * 9 * 32 * 32 + 28 * 28 * 9 * 32)
     assert bench.useful_macs(config.model) == (encoder, decoder)
     assert bench.useful_macs_per_image(config.model) * bench.TRAIN_FLOPS_PER_MAC == 256_485_120
+
+
+def test_the_kernel_bench_measures_every_layer_of_the_step_afresh(tmp_path, monkeypatch):
+    """fvae.bench.kernels: every kind of layer the kernels cover, each candidate timed
+    (XLA among them), and the machine's table of choices left alone."""
+    monkeypatch.delenv("FVAE_KERNEL_TILES", raising=False)
+    monkeypatch.setenv("FVAE_CACHE_DIR", str(tmp_path))
+    from fvae.bench import kernels
+    from fvae.cpu import dispatch
+    from fvae.cpu import kernels as cpu_kernels
+    report = kernels.measure_layers("conv", 8)
+    ops = {name.split()[0] for name in report["layers"]}
+    assert {"conv3x3", "conv3x3_bias_add_relu", "conv3x3_weight_grad",
+            "conv_transpose_bias_relu", "conv_transpose_weight_grad"} <= ops
+    for record in report["layers"].values():
+        assert set(record["ms"]) == {*cpu_kernels.candidates(), "xla"}
+        assert record["choice"] in record["ms"]
+    assert dispatch.read_table(cpu_kernels.table_path()) == {}
+    assert kernels.table(report).count("\n") == len(report["layers"]) + 1
+
+
+def test_the_profile_names_the_layer_of_each_op(tmp_path):
+    """fvae.bench.profile: ops' times from a trace, each op's layer from the HLO."""
+    import gzip
+    import json
+
+    from fvae.bench import profile
+    hlo = ('  %ffi_call.3 = f32[8]{0} custom-call(%p), metadata={op_name="jit(train_chunk)'
+           '/jvp(VAE)/VAE.decode/decoder/ResBlock_0/ffi_call" stack_frame_id=1}\n'
+           '  ROOT %fusion.1 = f32[8]{0} fusion(%a), metadata={op_name="jit(f)/add"}\n')
+    assert profile.op_layers(hlo) == {
+        "ffi_call.3": "jvp(VAE)/VAE.decode/decoder/ResBlock_0/ffi_call", "fusion.1": "add"}
+    trace = tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    events = [{"ph": "X", "name": "ffi_call.3", "dur": 5}, {"ph": "X", "name": "ffi_call.3",
+                                                            "dur": 7},
+              {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 99},
+              {"ph": "i", "name": "fusion.1"}]
+    trace.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    assert profile.op_times(str(tmp_path)) == {"ffi_call.3": 12}
