@@ -409,7 +409,16 @@ def checksum_mismatches(meta: dict[str, Any], tree: dict[str, Any]) -> str:
     if not saved:
         return ""  # (checkpoints written before checksums were recorded)
     now = checksums(tree)
+    paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
     bad = sorted(k for k, v in saved.items() if k in now and now[k] != v)
+    # An array the checksums name that the checkpoint lacks, or one held whole here with
+    # no checksum: the two do not describe the same arrays, so nothing was checked.
+    unmatched = sorted(set(saved) - paths) + sorted(set(now) - set(saved))
+    if unmatched:
+        listed = ", ".join(unmatched[:3]) + (f" and {len(unmatched) - 3} more"
+                                             if len(unmatched) > 3 else "")
+        return (f"its saved checksums and its arrays do not match up: {len(unmatched)} "
+                f"arrays are in one but not the other ({listed})")
     if not bad:  # (an array not held whole here is not compared: see _host_bytes)
         return ""
     listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")

@@ -378,6 +378,22 @@ def test_checksums_cover_every_array_and_change_with_one_bit():
     assert checkpoint.checksum_mismatches({}, flipped) == ""  # (none recorded)
 
 
+@pytest.mark.parametrize("case", ["renamed", "missing", "extra"])
+def test_checksums_that_name_other_arrays_are_a_mismatch(case):
+    """Checksums that do not name the checkpoint's arrays check nothing: that is never
+    a pass."""
+    tree = {"a": jnp.arange(6.0), "b": jnp.ones(3)}
+    sums = checkpoint.checksums(tree)
+    if case == "renamed":
+        sums = {k.replace("'a'", "'z'"): v for k, v in sums.items()}
+    elif case == "missing":
+        sums = {k: v for k, v in sums.items() if "'b'" not in k}
+    else:
+        sums = {**sums, "['c']": "00000000"}
+    found = checkpoint.checksum_mismatches({"checksums": sums}, tree)
+    assert found.startswith("its saved checksums and its arrays do not match up"), found
+
+
 def test_a_best_checkpoint_saved_before_a_restart_keeps_its_own_elbo(make_config, tmp_path):
     """An epoch recomputed after a restart (on a GPU, not bit for bit) cannot claim a
     lower ELBO for a step whose best checkpoint is already on disk with another."""
