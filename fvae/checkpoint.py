@@ -195,6 +195,16 @@ class Checkpointer:
         self.best.close()
 
     # ---- restoring ----
+    def _keep_newest(self, restored: int) -> None:
+        """Deletes the oldest latest/ checkpoints past checkpoint.keep (never `restored`):
+        a run killed between a save and Orbax's removal of the oldest leaves one more."""
+        keep = self.config.checkpoint.keep
+        steps = sorted(self.latest.all_steps())
+        if keep and len(steps) > keep:
+            for step in steps[:-keep]:
+                if step != restored:
+                    self.latest.delete(step)
+
     def restore_latest(self, target: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """(step, tree) of the newest readable checkpoint, or None if there is none.
 
@@ -224,6 +234,7 @@ class Checkpointer:
             for bad_step, reason in failed:
                 self._quarantine(bad_step, reason)
             self._restore_best_record()
+            self._keep_newest(step)
             return step, restored["state"]
         if failed:
             steps = [s for s, _ in failed]

@@ -479,3 +479,14 @@ def test_a_save_that_ends_without_its_step_is_a_failure(make_config, tmp_path):
         ckpt.check_saved()
     ckpt.check_saved()  # reported once
     ckpt.close()
+
+
+def test_a_resume_deletes_checkpoints_past_keep(make_config, tmp_path):
+    """A kill between a save and Orbax's removal of the oldest checkpoint leaves keep + 1
+    of them (here: made by a run that kept 5); the next start keeps the newest `keep`."""
+    longer = {"train.num_epochs": 2, "checkpoint.every_steps": 2}
+    train.train_and_evaluate(make_config(**longer, **{"checkpoint.keep": 5}), str(tmp_path))
+    config = make_config(**longer, **{"checkpoint.keep": 3})
+    assert checkpoint.Checkpointer(tmp_path, config).latest.all_steps() == [8, 10, 12, 14, 16]
+    train.train_and_evaluate(config, str(tmp_path))  # (finished: it only restores)
+    assert checkpoint.Checkpointer(tmp_path, config).latest.all_steps() == [12, 14, 16]
