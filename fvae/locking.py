@@ -5,14 +5,15 @@
 
 The lock is `workdir/fvae.lock`, created with O_CREAT | O_EXCL: atomic on local disks
 and on NFS (v3 and later), where `flock`/`fcntl` locks may be unsupported, emulated, or
-lost when a client reconnects. It records who holds it (PID, host, boot id, the
-process's start time) and the holder refreshes its modification time every
+lost when a client reconnects. It records who holds it (PID, host, boot id, PID
+namespace, the process's start time) and the holder refreshes its modification time every
 `HEARTBEAT_S` seconds. A lock whose holder is gone is stale and is taken over with a
 warning:
   - on the same machine, the holder's PID is not running, or runs another process
     (its start time differs), or the machine has rebooted since (another boot id):
     known at once, after `kill -9` too;
-  - on another machine (a shared filesystem), its heartbeat is older than
+  - on another machine, or in another PID namespace (a container of the same
+    hostname, whose PIDs are not ours to look up), its heartbeat is older than
     `STALE_AFTER_S`, measured against a file written now in the same directory (the
     file server's clock, so clocks that disagree between hosts do not matter).
 The lock is removed on every exit Python sees (a normal end, an exception, SIGTERM or
@@ -46,6 +47,15 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace ('pid:[4026531836]' on Linux), None elsewhere: two
+    containers may share a hostname, yet one's PIDs mean nothing in the other."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), which tells a
     reused PID from the holder; None where /proc has no such process or no /proc."""
@@ -69,14 +79,16 @@ def _running(pid: int) -> bool:
 def whoami(purpose: str) -> dict:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(),
-            "start_time": _start_time(pid), "purpose": purpose, "since": time.time(),
+            "pid_namespace": _pid_namespace(), "start_time": _start_time(pid), "purpose": purpose, "since": time.time(),
             "token": uuid.uuid4().hex}
 
 
 def holder_alive(holder: dict, heartbeat_age: float) -> bool:
     """Whether the process that wrote `holder` may still be running."""
     me = whoami("")
-    if holder.get("host") == me["host"]:
+    namespaces = (holder.get("pid_namespace"), me["pid_namespace"])
+    if holder.get("host") == me["host"] and (None in namespaces  # (an older fvae's lock)
+                                             or namespaces[0] == namespaces[1]):
         if holder.get("boot_id") and me["boot_id"] and holder["boot_id"] != me["boot_id"]:
             return False  # the machine has rebooted since
         pid = int(holder.get("pid", -1))

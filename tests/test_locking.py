@@ -16,6 +16,7 @@ from fvae import checkpoint, locking, runs, train
 def write_lock(workdir, age_s: float = 0.0, **holder) -> None:
     """A lock file as another process would have left it, last refreshed `age_s` ago."""
     record = {"pid": os.getpid(), "host": socket.gethostname(), "boot_id": locking._boot_id(),
+              "pid_namespace": locking._pid_namespace(),
               "start_time": locking._start_time(os.getpid()), "purpose": "training x",
               "since": time.time() - age_s, "token": "theirs", **holder}
     path = workdir / locking.LOCK_NAME
@@ -57,6 +58,10 @@ def test_the_lock_of_a_process_killed_with_sigkill_is_stale(tmp_path, caplog):
     ({}, 0, False),  # alive here (this process)
     ({"host": "elsewhere", "pid": 1}, 60, False),  # another host, recent heartbeat
     ({"host": "elsewhere", "pid": 1}, locking.STALE_AFTER_S + 60, True),  # heartbeat gone
+    # A container of the same hostname: its PID (here, none in ours) says nothing here,
+    # so only its heartbeat counts.
+    ({"pid_namespace": "pid:[1]", "pid": 999_999_999}, 60, False),
+    ({"pid_namespace": "pid:[1]", "pid": 999_999_999}, locking.STALE_AFTER_S + 60, True),
 ])
 def test_stale_locks_are_told_from_live_ones(tmp_path, holder, age_s, stale):
     write_lock(tmp_path, age_s, **holder)
