@@ -22,6 +22,7 @@ Ctrl-C, which fvae turns into a clean stop); a killed process leaves a stale one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -234,6 +235,32 @@ class WorkdirLock:
                         describe(holder) if holder else "an unknown process",
                         f"gone; last heartbeat {age:.0f} s ago" if holder else
                         f"left incomplete {age:.0f} s ago")
+
+
+def lock_for_job(stack: contextlib.ExitStack,
+                 workdirs_and_purposes: list[tuple[os.PathLike, str]]) -> None:
+    """Locks each workdir into `stack` from process 0 of the job (its processes share
+    the workdirs). If process 0 is refused, every process raises WorkdirBusy, so that
+    none goes on to wait at a collective for a process that stopped."""
+    import jax
+    refusal = None
+    if jax.process_index() == 0:
+        try:
+            for workdir, purpose in workdirs_and_purposes:
+                stack.enter_context(WorkdirLock(workdir, purpose))
+        except WorkdirBusy as e:
+            refusal = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        refused = int(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
+        if refused and refusal is None:
+            first = workdirs_and_purposes[0][0]
+            raise WorkdirBusy(f"process 0 of this job could not lock {first}: another run "
+                              "holds it (process 0's log names it). Wait for it to end, or "
+                              "choose another --workdir.")
+    if refusal is not None:
+        raise refusal
 
 
 def describe(holder: dict) -> str:

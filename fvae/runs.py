@@ -84,8 +84,7 @@ def evaluate_run(workdir: str | os.PathLike, which: str | int = "best",
     path = workdir / "eval.json"
     check_writable(path)  # before minutes (or hours, at K = 5000) of work
     with contextlib.ExitStack() as lock:
-        if jax.process_index() == 0:
-            lock.enter_context(locking.WorkdirLock(workdir, "evaluating"))
+        locking.lock_for_job(lock, [(workdir, "evaluating")])
         results, saved = _evaluate(workdir, which, config, progress)
         write_results(path, results)  # the numbers first: a failed figure loses none
         from fvae import plots  # here: importing fvae.runs must not set matplotlib's backend

@@ -236,10 +236,8 @@ def _train_together(run_configs, workdirs, dp: parallel.DataParallel) -> list[Tr
                 label=f"seed {c.seed}, " if together else "")
             for c, w in zip(run_configs, workdirs)]
     with contextlib.ExitStack() as locks:
-        if jax.process_index() == 0:
-            for run in runs:
-                locks.enter_context(locking.WorkdirLock(run.workdir,
-                                                        f"training {run.config.name}"))
+        locking.lock_for_job(locks, [(run.workdir, f"training {run.config.name}")
+                                     for run in runs])
         return _train_locked(runs, dp)
 
 

@@ -113,3 +113,30 @@ def test_training_and_evaluating_refuse_a_locked_workdir_before_any_work(make_co
     (tmp_path / locking.LOCK_NAME).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="there is no workdir"):
         runs.evaluate_run(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_a_refusal_on_process_zero_stops_every_process_of_a_job(tmp_path, monkeypatch,
+                                                                 process):
+    """A multi-host job (two processes, faked): process 0 meets a live holder's lock;
+    it raises the refusal naming the holder, and process 1 learns of it by broadcast
+    and raises too, instead of waiting at the first collective."""
+    import contextlib
+
+    import jax
+    from jax.experimental import multihost_utils
+    write_lock(tmp_path)  # this process, alive
+    sent = []
+
+    def broadcast(value):  # process 0's value, as every process receives it
+        sent.append(int(value))
+        return value if process == 0 else 1
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+    match = "is in use" if process == 0 else "process 0 of this job could not lock"
+    with pytest.raises(locking.WorkdirBusy, match=match), contextlib.ExitStack() as stack:
+        locking.lock_for_job(stack, [(tmp_path, "training")])
+    assert sent == [1 if process == 0 else 0]
+    assert json.loads((tmp_path / locking.LOCK_NAME).read_text())["token"] == "theirs"
