@@ -96,6 +96,7 @@ class Run:
     label: str = ""  # "seed 3, " in messages when several seeds train together
     ckpt: checkpoint.Checkpointer | None = None
     writer: RunLog | None = None
+    kernel_choices: dict[str, str] = dataclasses.field(default_factory=dict)  # as used
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,11 +245,13 @@ def _train_together(run_configs, workdirs, dp: parallel.DataParallel) -> list[Tr
 def _train_locked(runs: list[Run], dp: parallel.DataParallel) -> list[TrainState]:
     """Restore, loop, figures; files closed however it ends."""
     together = len(runs) > 1
+    recording = contextlib.ExitStack()  # the CPU kernels' choices this run makes
     program = build_program(runs[0].config, dp, len(runs))
     try:
         for run in runs:
             if run.config.checkpoint.enabled:
                 run.ckpt = checkpoint.Checkpointer(run.workdir, run.config)
+            run.kernel_choices = recording.enter_context(cpu.recording_kernel_choices())
         progress = _restore(runs, program)
         _open_logs(runs, program.schedule, progress.step)
         logging.info("training %s%s for %d steps (%d epochs of %d steps) in %s",
@@ -261,9 +264,12 @@ def _train_locked(runs: list[Run], dp: parallel.DataParallel) -> list[TrainState
         for run, final in zip(runs, finals):
             if jax.process_index() == 0 and run.config.report.num_figure_images:
                 save_figures(program, run, parallel.host_local(final.params), progress.step)
+        _record_kernel_choices(runs)
     except BaseException:  # however training ends, in-flight saves complete, files close
         close_all(runs, raise_first=False)  # and the first error is the one seen
         raise
+    finally:
+        recording.close()
     close_all(runs)
     return finals
 
@@ -293,6 +299,8 @@ def _restore(runs: list[Run], program: Program) -> Progress:
         steps.append(step)
     if len(set(steps)) > 1:
         raise SeedsOutOfStep(f"steps {steps}")
+    if steps[0]:
+        _pin_recorded_kernel_choices(runs[0].workdir)
     dp, seeds = program.dp, program.seeds
     return Progress(dp.replicate(seeds.stack(states)), dp.replicate(seeds.stack(sums)),
                     steps[0])
@@ -423,12 +431,22 @@ def _end_epoch(runs: list[Run], program: Program, progress: Progress, epoch: int
 
 
 def _record_kernel_choices(runs: list[Run]) -> None:
-    """Adds to each run's provenance which implementation computed each CPU layer, as
-    measured when the steps were traced (fvae/cpu/dispatch.py); nothing elsewhere."""
-    choices = cpu.kernel_choices()
-    if choices and jax.process_index() == 0:
+    """Adds to each run's provenance which implementation computed each of its CPU
+    layers, as measured when its steps were traced (fvae/cpu/dispatch.py); nothing
+    where none was dispatched (another backend, runtime.cpu_conv3x3='xla')."""
+    if jax.process_index() == 0:
         for run in runs:
-            provenance.add_to_latest(run.workdir, {"kernel_choices": choices})
+            if run.kernel_choices:
+                provenance.add_to_latest(run.workdir,
+                                         {"kernel_choices": dict(sorted(run.kernel_choices.items()))})
+
+
+def _pin_recorded_kernel_choices(workdir: pathlib.Path) -> None:
+    """A resumed run computes each CPU layer as its last session did (bit for bit, on
+    the same machine), whatever the table of measured choices now says."""
+    recorded = [s["kernel_choices"] for s in provenance.read(workdir) if s.get("kernel_choices")]
+    if recorded:
+        cpu.pin_kernel_choices(recorded[-1])
 
 
 def _log_epoch(run: Run, program: Program, state: TrainState, train_metrics: dict,

@@ -30,7 +30,7 @@ def measure_layers(model_name: str, batch: int) -> dict:
     from fvae import models
 
     start = time.perf_counter()
-    cpu.kernels.load()
+    cpu.load_kernels()
     compile_s = time.perf_counter() - start
     model_config = configs.get_base_config().model
     model_config.name = model_name
@@ -38,11 +38,11 @@ def measure_layers(model_name: str, batch: int) -> dict:
     params = models.init_params(model, jax.random.key(0))
     images = jnp.zeros((batch, 28, 28, 1), jnp.float32)
     loss = lambda p: model.apply({"params": p}, images, jax.random.key(1))[0].sum()  # noqa
-    with cpu.dispatch.measuring_afresh():
+    with cpu.measuring_kernels_afresh():
         start = time.perf_counter()
         jax.eval_shape(jax.grad(loss), params)
         measure_s = time.perf_counter() - start
-        layers = cpu.dispatch.records()
+        layers = cpu.kernel_records()
     return {"compile_s": round(compile_s, 2), "measure_s": round(measure_s, 2),
             "layers": layers}
 

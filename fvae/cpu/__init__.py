@@ -28,12 +28,18 @@ import flax.linen as nn
 from fvae import configs, models
 from fvae.cpu import dispatch, kernels
 from fvae.cpu.kernels import candidates, cpu_description, cpu_fingerprint, kernel_choices
+from fvae.cpu.dispatch import measuring_afresh as measuring_kernels_afresh
+from fvae.cpu.dispatch import pin as pin_kernel_choices
+from fvae.cpu.dispatch import recording as recording_kernel_choices
+from fvae.cpu.dispatch import records as kernel_records
+from fvae.cpu.kernels import load as load_kernels
 from fvae.cpu.process import (configure_cpu_convolutions, cpu_device_count,
                               huge_pages_restart_env, restart_with_huge_pages, setup,
                               with_huge_pages)
 
 __all__ = ["accelerate", "Accelerated", "candidates", "cpu_description", "cpu_fingerprint",
-           "kernel_choices", "setup",
+           "kernel_choices", "recording_kernel_choices", "pin_kernel_choices",
+           "measuring_kernels_afresh", "kernel_records", "load_kernels", "setup",
            "restart_with_huge_pages", "huge_pages_restart_env", "with_huge_pages",
            "cpu_device_count", "configure_cpu_convolutions"]
 

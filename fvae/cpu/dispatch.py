@@ -48,6 +48,7 @@ RTOL = 1e-3  # a candidate whose result differs from XLA's by more is dropped
 
 _chosen: dict[str, dict] = {}  # this process's choices, by key
 _afresh = False  # measuring_afresh(): ignore and do not write the table on disk
+_recorders: list[dict[str, str]] = []  # recording(): the open collectors of choices
 
 
 def key(op: str, shapes: Sequence[Sequence[int]]) -> str:
@@ -58,26 +59,55 @@ def key(op: str, shapes: Sequence[Sequence[int]]) -> str:
 def choose(op: str, shapes: Sequence[Sequence[int]], candidates: dict[str, Callable],
            table: pathlib.Path, timed_shapes: Sequence[Sequence[int]] | None = None) -> str:
     """The name of the candidate that computes `op` on float32 arrays of these shapes
-    fastest on this machine: from this process's choices, else from `table`, else
-    measured now (see the module doc; on arrays of `timed_shapes` if given, e.g. fewer
-    images) and added to `table`. `candidates` maps names to functions of the arrays,
-    XLA's among them."""
+    fastest on this machine: from this process's choices (or those pinned by a resumed
+    run), else from `table`, else measured now (see the module doc; on arrays of
+    `timed_shapes` if given, e.g. fewer images) and added to `table`. `candidates` maps
+    names to functions of the arrays, XLA's among them."""
     name = key(op, shapes)
-    if name not in _chosen:
-        known = {} if _afresh else read_table(table)
-        if name in known and known[name].get("choice") in candidates:
-            _chosen[name] = known[name]
+    known = _chosen.get(name)
+    if known is None or known.get("forced") or known["choice"] not in candidates:
+        on_disk = {} if _afresh else read_table(table)
+        if name in on_disk and on_disk[name].get("choice") in candidates:
+            _chosen[name] = on_disk[name]
         else:
             _chosen[name] = measure(timed_shapes or shapes, candidates)
             if not _afresh:
                 _chosen[name] = write_choice(table, name, _chosen[name], set(candidates))
-    return _chosen[name]["choice"]
+    return _seen(name)
 
 
 def record_forced(op: str, shapes: Sequence[Sequence[int]], choice: str) -> None:
     """Notes a choice made without measuring (FVAE_KERNEL_TILES naming one tile set), so
-    that `choices` reports it too."""
-    _chosen.setdefault(key(op, shapes), {"choice": choice, "forced": True})
+    that `choices` and `recording` report it too."""
+    name = key(op, shapes)
+    _chosen[name] = {"choice": choice, "forced": True}
+    _seen(name)
+
+
+def pin(recorded: dict[str, str]) -> None:
+    """Makes this process compute each layer of `recorded` ({key: candidate}, as a run's
+    provenance has it) as recorded, where that candidate is still to be had: a resumed
+    run computes as before even if the table was cleared or the code changed."""
+    for name, choice in recorded.items():
+        _chosen[name] = {"choice": choice, "pinned": True}
+
+
+def _seen(name: str) -> str:
+    for recorder in _recorders:
+        recorder[name] = _chosen[name]["choice"]
+    return _chosen[name]["choice"]
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, str]]:
+    """Yields a dict that collects {key: candidate} for every layer dispatched while it
+    is open: what one run computed with, where a process trains several (fvae.sweep)."""
+    recorder: dict[str, str] = {}
+    _recorders.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _recorders.remove(recorder)
 
 
 def choices() -> dict[str, str]:
@@ -88,6 +118,11 @@ def choices() -> dict[str, str]:
 def records() -> dict[str, dict]:
     """Every choice this process made, with the measured milliseconds of each candidate."""
     return dict(sorted(_chosen.items()))
+
+
+def afresh() -> bool:
+    """Whether `measuring_afresh` is in force."""
+    return _afresh
 
 
 @contextlib.contextmanager
@@ -197,8 +232,14 @@ def write_choice(path: pathlib.Path, name: str, record: dict,
             table[name] = record
             with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
                                              suffix=".tmp") as f:
-                json.dump({"choices": table}, f, indent=1, sort_keys=True)
-            os.replace(f.name, path)
+                try:
+                    json.dump({"choices": table}, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.chmod(f.name, 0o644)  # (a shared cache: others may read it)
+                    os.replace(f.name, path)
+                except OSError:
+                    os.unlink(f.name)
+                    raise
     except OSError as e:
         logging.warning("could not record the kernel choice for %s in %s (%s): it will be "
                         "measured again by the next process", name, path, e)

@@ -13,15 +13,18 @@ needs depth-to-space copies). `conv3x3_bias_relu` (the residual blocks' convolut
 and `conv_transpose(..., relu=True)` (the upsampling layers) add the bias (and the skip
 connection) and apply the ReLU as the kernel stores its output, one pass where XLA
 makes two or three. Any other convolution, a backend other than the CPU, or a machine
-where the kernels cannot be compiled gets XLA's own (the last with one warning).
+where the kernels cannot be compiled gets XLA's own (the last with a warning).
 
 Which implementation computes each layer is measured, not assumed: the source is
 compiled once per candidate register-tile set for the host's instruction set
 (CANDIDATES), and the first time a layer shape is traced, fvae/cpu/dispatch.py times
-every compiled tile set and XLA on it and keeps the fastest (XLA unless a kernel beats
-it). Each library is compiled on first use with the host's compiler (CXX, else c++), in
-parallel, and cached under $FVAE_CACHE_DIR (default ~/.cache/fvae) by a hash of the
-source, the flags, jaxlib and the CPU; the choices are cached beside them.
+every compiled tile set and XLA on it and keeps the fastest (a kernel, unless XLA is
+faster by dispatch.XLA_MARGIN). Vmapped seeds are measured one seed's layer at a time,
+although XLA runs its vmapped convolution less well (docs/parallelism.md): a bias
+towards XLA that costs speed only. Each library is compiled on first use with the
+host's compiler (CXX, else c++), in parallel, and cached under $FVAE_CACHE_DIR (default
+~/.cache/fvae) by a hash of the source, the flags, jaxlib and the CPU; the choices are
+cached beside them, and a resumed run computes with the choices its provenance records.
 """
 
 from __future__ import annotations
@@ -171,13 +174,21 @@ def library_path(tiles: str) -> pathlib.Path:
 def table_path() -> pathlib.Path:
     """The file of this machine's measured choices: keyed by the kernels' source and the
     Python that calls and times them, jaxlib, the CPU, the candidates, XLA_FLAGS (they
-    choose XLA's convolutions) and the device count."""
+    choose XLA's convolutions), the device count and the cores this process may use (a
+    cache shared by machines or containers of other sizes)."""
     context = [";".join(candidates()), os.environ.get("XLA_FLAGS", ""),
-               str(jax.device_count())]
+               str(jax.device_count()), str(_usable_cores())]
     code = [pathlib.Path(m.__file__).read_bytes() for m in (dispatch, models)] + \
         [pathlib.Path(__file__).read_bytes()]
     key = _build_key(*code, *map(str.encode, context))
     return cache_dir() / "kernels" / f"dispatch-{key}.json"
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (no sched_getaffinity: macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def _tag(tiles: str) -> str:
@@ -233,7 +244,7 @@ def _choose(op: str, arrays, kernel_fn, xla_fn) -> str:
     tile_sets = load()
     if not tile_sets:
         return XLA
-    if forced():
+    if forced() and not dispatch.afresh():  # (fvae.bench.kernels measures it all the same)
         dispatch.record_forced(op, [a.shape for a in arrays], tile_sets[0])
         return tile_sets[0]
     options = {t: functools.partial(kernel_fn, t) for t in tile_sets} | {XLA: xla_fn}

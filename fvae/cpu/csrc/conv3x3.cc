@@ -553,11 +553,6 @@ auto Operands() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<
 
 }  // namespace
 
-// The tiles this library was compiled with: "lanes,vectors,pixels,inputs".
-#define FVAE_STRING(...) #__VA_ARGS__
-#define FVAE_EXPAND(x) FVAE_STRING(x)
-extern "C" const char* FvaeTiles() { return FVAE_EXPAND(FVAE_TILES); }
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3, Conv3x3, Operands().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3WeightGrad, Conv3x3WeightGrad, Operands().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FvaeConv3x3BiasRelu, Conv3x3BiasRelu,
