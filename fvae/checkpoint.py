@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import time
 import zlib
@@ -225,7 +226,7 @@ class Checkpointer:
                 restored = self.latest.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target)))
             except Exception as e:  # noqa: BLE001 - any failure means unreadable here
-                failed.append((step, f"{type(e).__name__}: {e}"))
+                failed.append((step, error_summary(e)))
                 continue
             damaged = checksum_mismatches(meta, restored["state"])
             if damaged:
@@ -299,6 +300,19 @@ class Checkpointer:
         logging.warning("checkpoint at step %d is unreadable (%s); moved it to %s and "
                         "trying the previous one", step, reason[:300], destination)
         self.latest.reload()
+
+
+def error_summary(e: BaseException, causes: int = 1) -> str:
+    """A library's error in one line: its type and first line, without the TensorStore
+    spec (hundreds of characters of JSON) or source locations it carries, and the first
+    line of what caused it."""
+    text = str(e).split("See full TensorStore details", 1)[0]
+    text = re.sub(r"\s*\[(?:source locations|tensorstore_spec)='.*?'\]", "", text).strip()
+    line = f"{type(e).__name__}: {text.splitlines()[0].rstrip('. ') if text else ''}"
+    cause = e.__cause__ or e.__context__
+    if causes and cause is not None and cause is not e:
+        line += f" ({error_summary(cause, causes - 1)})"
+    return line
 
 
 # TensorStore's status codes, as Orbax raises them (ValueError('RESOURCE_EXHAUSTED: ...')).

@@ -280,6 +280,8 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(make_config, tmp_path
         flip_bytes(victim, 0.5)
     state = train.train_and_evaluate(make_config(**{"train.num_epochs": 3}), str(workdir))
     assert f"checkpoint at step 16 {reason}" in caplog.text
+    [warning] = [r.getMessage() for r in caplog.records if "step 16 is unreadable" in r.getMessage()]
+    assert "TensorStore(" not in warning and "\n" not in warning  # one line, no spec dump
     assert [p.name.split("-")[0] for p in (workdir / "checkpoints" / "corrupt").iterdir()] == ["16"]
     assert_same_params(state.params, reference.params)
     # The step set aside was saved again when the resumed run reached it.
@@ -376,6 +378,20 @@ def test_checksums_cover_every_array_and_change_with_one_bit():
     assert checkpoint.checksum_mismatches({"checksums": sums}, flipped).startswith(
         "1 of 3 arrays differ from the checksums saved with them (['a'])")
     assert checkpoint.checksum_mismatches({}, flipped) == ""  # (none recorded)
+
+
+def test_a_library_error_is_summarised_in_one_line():
+    try:
+        try:
+            raise ValueError("DATA_LOSS: Error reading chunk\nmore [source locations='a.cc:1']")
+        except ValueError as cause:
+            raise Exception("Encountered error while reading array index: (slice(0, 3)). "
+                            "See full TensorStore details: <bound method spec of TensorStore({"
+                            '"driver": "zarr"})>') from cause
+    except Exception as e:  # noqa: BLE001
+        summary = checkpoint.error_summary(e)
+    assert summary == ("Exception: Encountered error while reading array index: "
+                       "(slice(0, 3)) (ValueError: DATA_LOSS: Error reading chunk)")
 
 
 @pytest.mark.parametrize("case", ["renamed", "missing", "extra"])
