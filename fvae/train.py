@@ -265,9 +265,9 @@ def _train_locked(runs: list[Run], dp: parallel.DataParallel) -> list[TrainState
             if jax.process_index() == 0 and run.config.report.num_figure_images:
                 save_figures(program, run, parallel.host_local(final.params), progress.step)
         _record_kernel_choices(runs)
-    except BaseException:  # however training ends, in-flight saves complete, files close
-        close_all(runs, raise_first=False)  # and the first error is the one seen
-        raise
+    except BaseException as e:  # however training ends, in-flight saves complete, files
+        close_all(runs, raise_first=False, raising=e)  # close, and the first error is the
+        raise  # one seen
     finally:
         recording.close()
     close_all(runs)
@@ -558,9 +558,11 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-def close_all(runs: list[Run], raise_first: bool = True) -> None:
+def close_all(runs: list[Run], raise_first: bool = True,
+              raising: BaseException | None = None) -> None:
     """Waits for and closes every checkpointer and writer, even when one of them fails;
-    then raises the first failure (if `raise_first`) or logs them."""
+    then raises the first failure (if `raise_first`) or logs them, but for one that says
+    what `raising` (the error that ends the run) says already."""
     errors = []
     closers = [f for run in runs if run.ckpt is not None for f in (run.ckpt.wait, run.ckpt.close)]
     closers += [run.writer.close for run in runs if run.writer is not None]
@@ -572,7 +574,8 @@ def close_all(runs: list[Run], raise_first: bool = True) -> None:
     if errors and raise_first:
         raise errors[0]
     for e in errors:
-        logging.error("while closing the run's files: %s", e)
+        if raising is None or str(e) != str(raising):
+            logging.error("while closing the run's files: %s", e)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

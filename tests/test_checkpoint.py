@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after SIGKILL and SIGTERM, bad input, loading."""
 
 import json
+import logging
 import pathlib
 import shutil
 import signal
@@ -487,6 +488,31 @@ def test_a_failed_async_save_stops_training_at_the_next_step(make_config, tmp_pa
     # it stopped before the epoch's end at step 8 (waiting for the next save would
     # have trained and evaluated the whole epoch first)
     assert not [r for r in read_metrics(tmp_path) if r["split"] == "validation"]
+
+
+def test_closing_after_a_failure_does_not_repeat_it(caplog):
+    """The pending save's failure, raised again as the files close, is not logged again
+    beside the same error ending the run; another failure is."""
+    import types
+    failure = checkpoint.CheckpointError("could not write the checkpoint for step 8")
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def wait(self):
+            raise self.error
+
+        def close(self):
+            pass
+
+    for error, logged in ((checkpoint.CheckpointError(str(failure)), False),
+                          (OSError("the log is gone"), True)):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            train.close_all([types.SimpleNamespace(ckpt=Failing(error), writer=None)],
+                            raise_first=False, raising=failure)
+        assert ("while closing the run's files" in caplog.text) == logged
 
 
 def test_a_save_that_ends_without_its_step_is_a_failure(make_config, tmp_path):
