@@ -56,10 +56,15 @@ def publish(sweep_dir: pathlib.Path, results_dir: pathlib.Path,
         for name in RUN_FILES:
             if (run / name).exists():
                 shutil.copy2(run / name, out / name)
-        for name in RUN_FIGURES if run_figures else ():
-            (out / "figures").mkdir(exist_ok=True)
-            if (run / "figures" / name).exists():
-                shutil.copy2(run / "figures" / name, out / "figures" / name)
+        for name in RUN_FIGURES:  # (one published before and not now is stale: removed)
+            source, target = run / "figures" / name, out / "figures" / name
+            if run_figures and source.exists():
+                target.parent.mkdir(exist_ok=True)
+                shutil.copy2(source, target)
+            elif target.exists():
+                target.unlink()
+        if (out / "figures").is_dir() and not any((out / "figures").iterdir()):
+            (out / "figures").rmdir()
         copied.append(out)
     for name in SWEEP_FIGURES:
         if (sweep_dir / "figures" / name).exists():

@@ -64,9 +64,14 @@ def test_publish_can_leave_each_runs_figures_out(tmp_path):
     fake_run(sweep_dir / "point-a" / "seed0", "a", "bce", 0.01, 30.0, 0.01)
     (sweep_dir / "figures").mkdir()
     (sweep_dir / "figures" / "samples_by_point.png").write_bytes(b"grid")
+    figure = sweep_dir / "point-a" / "seed0" / "figures" / results.RUN_FIGURES[0]
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    figure.write_bytes(b"figure")
+    results.main([str(out), "--publish", str(sweep_dir)])  # published with its figures
+    assert (out / "point-a" / "seed0" / "figures" / figure.name).exists()
     results.main([str(out), "--publish", str(sweep_dir), "--no_run_figures"])
     assert (out / "point-a" / "seed0" / "eval.json").exists()
-    assert not (out / "point-a" / "seed0" / "figures").exists()
+    assert not (out / "point-a" / "seed0" / "figures").exists()  # the stale one is gone
     assert (out / "samples_by_point.png").read_bytes() == b"grid"
 
 
