@@ -242,3 +242,17 @@ def test_a_resumed_run_computes_as_its_provenance_records(measured, make_config,
     train.train_and_evaluate(config, str(workdir))
     resumed = provenance.read(workdir)[-1]
     assert resumed["start_step"] > 0 and resumed["kernel_choices"] == first
+
+
+def test_another_instruction_sets_candidates_are_measured_as_on_that_machine(measured,
+                                                                             monkeypatch):
+    """What an AVX2 (or NEON, SSE) machine does, forced here: its own candidates are
+    compiled and timed against XLA, and one of them (or XLA) is chosen."""
+    avx2 = cpu_kernels.CANDIDATES["avx2"]
+    monkeypatch.setenv(cpu_kernels.TILES_VARIABLE, ";".join(avx2))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 14, 14, 32)), jnp.float32)
+    kernel = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 32, 32)), jnp.float32)
+    np.testing.assert_allclose(jax.jit(cpu_kernels.conv3x3)(x, kernel), xla_conv(x, kernel),
+                               rtol=1e-4, atol=1e-4)
+    [record] = dispatch.records().values()
+    assert set(record["ms"]) == {*avx2, "xla"} and record["choice"] in record["ms"]
