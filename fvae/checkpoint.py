@@ -184,8 +184,12 @@ class Checkpointer:
         cause = save_failure(e) if e is not None else "it was not committed (see the log)"
         if cause is None:
             return e
-        return CheckpointError(f"could not write the checkpoint for step {step} under "
-                               f"{self.root}: {cause}; earlier checkpoints are intact.")
+        error = CheckpointError(f"could not write the checkpoint for step {step} under "
+                                f"{self.root}: {cause}; earlier checkpoints are intact.")
+        # Orbax's background threads may still wait for the failed save (5 minutes for
+        # a step directory that cannot be made): the process ends without them.
+        error.abandons_threads = True
+        return error
 
     def latest_step(self) -> int | None:
         """The newest step saved (or being saved) as the latest checkpoint."""
@@ -203,8 +207,13 @@ class Checkpointer:
         steps = sorted(self.latest.all_steps())
         if keep and len(steps) > keep:
             for step in steps[:-keep]:
-                if step != restored:
+                if step == restored:
+                    continue
+                try:
                     self.latest.delete(step)
+                except OSError as e:  # (tidying only: the run goes on)
+                    logging.warning("could not delete the checkpoint at step %d past "
+                                    "checkpoint.keep=%d: %s", step, keep, e)
 
     def restore_latest(self, target: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """(step, tree) of the newest readable checkpoint, or None if there is none.
@@ -304,12 +313,15 @@ class Checkpointer:
 
 def error_summary(e: BaseException, causes: int = 1) -> str:
     """A library's error in one line: its type and first line, without the TensorStore
-    spec (hundreds of characters of JSON) or source locations it carries, and the first
-    line of what caused it."""
+    spec (hundreds of characters of JSON) or source locations it carries (with the next
+    line where the first ends in ':', as Orbax's tree mismatch does), and the first line
+    of what caused it."""
     text = str(e).split("See full TensorStore details", 1)[0]
     text = re.sub(r"\s*\[(?:source locations|tensorstore_spec)='.*?'\]", "", text).strip()
-    line = f"{type(e).__name__}: {text.splitlines()[0].rstrip('. ') if text else ''}"
-    cause = e.__cause__ or e.__context__
+    lines = text.splitlines()
+    first = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines or [""])[0]
+    line = f"{type(e).__name__}: {first.rstrip('. ')}" if first else type(e).__name__
+    cause = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     if causes and cause is not None and cause is not e:
         line += f" ({error_summary(cause, causes - 1)})"
     return line

@@ -243,24 +243,23 @@ def lock_for_job(stack: contextlib.ExitStack,
     the workdirs). If process 0 is refused, every process raises WorkdirBusy, so that
     none goes on to wait at a collective for a process that stopped."""
     import jax
-    refusal = None
+    failure = None
     if jax.process_index() == 0:
         try:
             for workdir, purpose in workdirs_and_purposes:
                 stack.enter_context(WorkdirLock(workdir, purpose))
-        except WorkdirBusy as e:
-            refusal = e
+        except BaseException as e:  # noqa: BLE001 - whatever it is, the others must hear
+            failure = e
     if jax.process_count() > 1:
         import numpy as np
         from jax.experimental import multihost_utils
-        refused = int(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
-        if refused and refusal is None:
-            first = workdirs_and_purposes[0][0]
-            raise WorkdirBusy(f"process 0 of this job could not lock {first}: another run "
-                              "holds it (process 0's log names it). Wait for it to end, or "
-                              "choose another --workdir.")
-    if refusal is not None:
-        raise refusal
+        failed = int(multihost_utils.broadcast_one_to_all(np.int32(failure is not None)))
+        if failed and failure is None:
+            workdirs = ", ".join(str(w) for w, _ in workdirs_and_purposes)
+            raise WorkdirBusy(f"process 0 of this job could not lock {workdirs} (its log "
+                              "says why: another run holds one, or it could not be written)")
+    if failure is not None:
+        raise failure
 
 
 def describe(holder: dict) -> str:

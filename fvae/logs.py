@@ -64,7 +64,7 @@ def exit_for_user_error(program: str, error: BaseException) -> None:
         print(f"{program}: the config file has a syntax error:\n{message}", file=sys.stderr)
     else:
         print(f"{program}: {type(error).__name__}: {error}", file=sys.stderr)
-    _exit_quietly(2)
+    _exit_quietly(2, wait_for_threads=not getattr(error, "abandons_threads", False))
 
 
 def exit_interrupted(program: str) -> None:
@@ -79,10 +79,18 @@ def exit_interrupted(program: str) -> None:
     _exit_quietly(130)
 
 
-def _exit_quietly(status: int) -> None:
+def _exit_quietly(status: int, wait_for_threads: bool = True) -> None:
     """Exits with `status` once the message is out. A failed save or an interrupt can
     leave Orbax's coroutines behind, whose teardown would print "Exception ignored ...
-    Event loop is closed" by the hundred: not a user's concern."""
+    Event loop is closed" by the hundred: not a user's concern. Without
+    `wait_for_threads` (a failed save, whose files are closed and whose lock is
+    released by now), the process does not wait for library threads still waiting for
+    it: Orbax's time out after 5 minutes."""
     import sys
     sys.unraisablehook = lambda unraisable: None
+    if not wait_for_threads:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)

@@ -536,3 +536,30 @@ def test_a_resume_deletes_checkpoints_past_keep(make_config, tmp_path):
     assert checkpoint.Checkpointer(tmp_path, config).latest.all_steps() == [8, 10, 12, 14, 16]
     train.train_and_evaluate(config, str(tmp_path))  # (finished: it only restores)
     assert checkpoint.Checkpointer(tmp_path, config).latest.all_steps() == [12, 14, 16]
+
+
+def test_a_save_into_an_immutable_directory_ends_within_seconds(tiny_data_dir, tmp_path):
+    """`chattr +i` on latest/: Orbax's threads wait 5 minutes for the step directory
+    that cannot be made; launch.py says why and exits at once, with exit status 2."""
+    experiment = write_experiment(tmp_path / "exp.py", tiny_data_dir,
+                                  **{"checkpoint.every_steps": 4, "train.num_epochs": 1})
+    workdir = tmp_path / "run"
+    launch = [sys.executable, "launch.py", "--config", str(experiment), "--workdir",
+              str(workdir)]
+    root = pathlib.Path(__file__).parent.parent
+    subprocess.run(launch, check=True, capture_output=True, cwd=root)
+    latest = workdir / "checkpoints" / "latest"
+    if shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "+i", str(latest)], capture_output=True).returncode:
+        pytest.skip("no immutable flag here (chattr needs root and an ext4-like disk)")
+    try:
+        start = time.time()
+        result = subprocess.run([*launch, "--config.train.num_epochs=2"], cwd=root,
+                                capture_output=True, text=True, timeout=150)
+        seconds = time.time() - start
+    finally:
+        subprocess.run(["chattr", "-i", str(latest)])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "could not write the checkpoint for step 12" in result.stderr
+    assert "permission denied" in result.stderr and seconds < 100
+    assert sorted(p.name for p in latest.iterdir()) == ["4", "8"]  # intact

@@ -135,8 +135,28 @@ def test_a_refusal_on_process_zero_stops_every_process_of_a_job(tmp_path, monkey
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: process)
     monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
-    match = "is in use" if process == 0 else "process 0 of this job could not lock"
+    match = "is in use" if process == 0 else "process 0 of this job could not lock .*says why"
     with pytest.raises(locking.WorkdirBusy, match=match), contextlib.ExitStack() as stack:
         locking.lock_for_job(stack, [(tmp_path, "training")])
     assert sent == [1 if process == 0 else 0]
     assert json.loads((tmp_path / locking.LOCK_NAME).read_text())["token"] == "theirs"
+
+
+def test_any_failure_to_lock_on_process_zero_is_broadcast(tmp_path, monkeypatch):
+    """Not only a live holder: a lock file that cannot be written stops the job too."""
+    import contextlib
+
+    import jax
+    from jax.experimental import multihost_utils
+    sent = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda value: sent.append(int(value)) or value)
+
+    def cannot_write(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(locking.WorkdirLock, "acquire", cannot_write)
+    with pytest.raises(OSError, match="No space"), contextlib.ExitStack() as stack:
+        locking.lock_for_job(stack, [(tmp_path, "training")])
+    assert sent == [1]
