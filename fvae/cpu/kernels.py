@@ -205,8 +205,9 @@ def load() -> tuple[str, ...]:
 
 @functools.cache
 def _load(wanted: tuple[str, ...]) -> tuple[str, ...]:
-    with concurrent.futures.ThreadPoolExecutor(len(wanted)) as pool:
-        built = dict(zip(wanted, pool.map(_try_build, wanted)))
+    new = [t for t in wanted if t not in _registered]  # (XLA takes a target name once)
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(new))) as pool:
+        built = dict(zip(new, pool.map(_try_build, new)))
     failures = {t: e for t, e in built.items() if isinstance(e, Exception)}
     for tiles, e in failures.items():
         detail = getattr(e, "stderr", "") or e
@@ -214,7 +215,6 @@ def _load(wanted: tuple[str, ...]) -> tuple[str, ...]:
                         "runtime.cpu_conv3x3='xla' to skip them): %s", tiles,
                         "XLA's convolutions are used" if len(failures) == len(wanted)
                         else "the other tile sets are measured", str(detail)[-2000:])
-    loaded = []
     for tiles, library in built.items():
         if isinstance(library, Exception):
             continue
@@ -222,8 +222,11 @@ def _load(wanted: tuple[str, ...]) -> tuple[str, ...]:
             jax.ffi.register_ffi_target(f"{target}_{_tag(tiles)}",
                                         jax.ffi.pycapsule(getattr(library, symbol)),
                                         platform="cpu")
-        loaded.append(tiles)
-    return tuple(loaded)
+        _registered[tiles] = library
+    return tuple(t for t in wanted if t in _registered)
+
+
+_registered: dict[str, ctypes.CDLL] = {}  # tile sets registered with XLA in this process
 
 
 def _try_build(tiles: str) -> ctypes.CDLL | Exception:
