@@ -80,7 +80,8 @@ def _running(pid: int) -> bool:
 def whoami(purpose: str) -> dict:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(),
-            "pid_namespace": _pid_namespace(), "start_time": _start_time(pid), "purpose": purpose, "since": time.time(),
+            "pid_namespace": _pid_namespace(), "start_time": _start_time(pid),
+            "purpose": purpose, "since": time.time(),
             "token": uuid.uuid4().hex}
 
 

@@ -87,11 +87,7 @@ def record(config=None) -> dict[str, Any]:
 
 def append(workdir: str | os.PathLike, entry: dict[str, Any]) -> None:
     """Adds `entry` to workdir/provenance.json ({"sessions": [...]}, oldest first)."""
-    path = pathlib.Path(workdir) / FILE
-    sessions = read(workdir)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"sessions": sessions + [entry]}, indent=2) + "\n")
-    os.replace(tmp, path)
+    _write(workdir, read(workdir) + [entry])
 
 
 def add_to_latest(workdir: str | os.PathLike, fields: dict[str, Any]) -> None:
@@ -101,10 +97,14 @@ def add_to_latest(workdir: str | os.PathLike, fields: dict[str, Any]) -> None:
     sessions = read(workdir)
     if sessions and any(sessions[-1].get(k) != v for k, v in fields.items()):
         sessions[-1].update(fields)
-        path = pathlib.Path(workdir) / FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"sessions": sessions}, indent=2) + "\n")
-        os.replace(tmp, path)
+        _write(workdir, sessions)
+
+
+def _write(workdir: str | os.PathLike, sessions: list[dict[str, Any]]) -> None:
+    path = pathlib.Path(workdir) / FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"sessions": sessions}, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
 def read(workdir: str | os.PathLike) -> list[dict[str, Any]]:

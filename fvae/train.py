@@ -245,31 +245,32 @@ def _train_together(run_configs, workdirs, dp: parallel.DataParallel) -> list[Tr
 def _train_locked(runs: list[Run], dp: parallel.DataParallel) -> list[TrainState]:
     """Restore, loop, figures; files closed however it ends."""
     together = len(runs) > 1
-    recording = contextlib.ExitStack()  # the CPU kernels' choices this run makes
     program = build_program(runs[0].config, dp, len(runs))
-    try:
-        for run in runs:
-            if run.config.checkpoint.enabled:
-                run.ckpt = checkpoint.Checkpointer(run.workdir, run.config)
-            run.kernel_choices = recording.enter_context(cpu.recording_kernel_choices())
-        progress = _restore(runs, program)
-        _open_logs(runs, program.schedule, progress.step)
-        logging.info("training %s%s for %d steps (%d epochs of %d steps) in %s",
-                     program.config.name,
-                     f" for seeds {[r.config.seed for r in runs]} together" if together else "",
-                     program.schedule.total_steps, program.schedule.num_epochs,
-                     program.schedule.steps_per_epoch, ", ".join(str(r.workdir) for r in runs))
-        _loop(runs, program, progress)
-        finals = [program.seeds.slice(progress.state, i) for i in range(len(runs))]
-        for run, final in zip(runs, finals):
-            if jax.process_index() == 0 and run.config.report.num_figure_images:
-                save_figures(program, run, parallel.host_local(final.params), progress.step)
-        _record_kernel_choices(runs)
-    except BaseException as e:  # however training ends, in-flight saves complete, files
-        close_all(runs, raise_first=False, raising=e)  # close, and the first error is the
-        raise  # one seen
-    finally:
-        recording.close()
+    with cpu.recording_kernel_choices() as used:  # the CPU kernels' choices, which the
+        for run in runs:  # seeds trained together share
+            run.kernel_choices = used
+        try:
+            for run in runs:
+                if run.config.checkpoint.enabled:
+                    run.ckpt = checkpoint.Checkpointer(run.workdir, run.config)
+            progress = _restore(runs, program)
+            _open_logs(runs, program.schedule, progress.step)
+            logging.info("training %s%s for %d steps (%d epochs of %d steps) in %s",
+                         program.config.name,
+                         f" for seeds {[r.config.seed for r in runs]} together" if together
+                         else "", program.schedule.total_steps, program.schedule.num_epochs,
+                         program.schedule.steps_per_epoch,
+                         ", ".join(str(r.workdir) for r in runs))
+            _loop(runs, program, progress)
+            finals = [program.seeds.slice(progress.state, i) for i in range(len(runs))]
+            for run, final in zip(runs, finals):
+                if jax.process_index() == 0 and run.config.report.num_figure_images:
+                    save_figures(program, run, parallel.host_local(final.params),
+                                 progress.step)
+            _record_kernel_choices(runs)
+        except BaseException as e:  # however training ends, in-flight saves complete,
+            close_all(runs, raise_first=False, raising=e)  # files close, and the first
+            raise  # error is the one seen
     close_all(runs)
     return finals
 

@@ -27,7 +27,8 @@ import flax.linen as nn
 
 from fvae import configs, models
 from fvae.cpu import dispatch, kernels
-from fvae.cpu.kernels import candidates, cpu_description, cpu_fingerprint, kernel_choices
+from fvae.cpu.kernels import candidates, cpu_description, cpu_fingerprint
+from fvae.cpu.dispatch import choices as kernel_choices
 from fvae.cpu.dispatch import measuring_afresh as measuring_kernels_afresh
 from fvae.cpu.dispatch import pin as pin_kernel_choices
 from fvae.cpu.dispatch import recording as recording_kernel_choices

@@ -150,8 +150,13 @@ def cpu_description() -> str:
 
 def _build_key(*parts: bytes) -> str:
     return hashlib.sha256(b"\0".join([
-        SOURCE.read_bytes(), jaxlib.version.__version__.encode(), cpu_fingerprint().encode(),
+        _source(), jaxlib.version.__version__.encode(), cpu_fingerprint().encode(),
         *parts])).hexdigest()[:16]
+
+
+@functools.cache
+def _source() -> bytes:
+    return SOURCE.read_bytes()
 
 
 def library_path(tiles: str) -> pathlib.Path:
@@ -178,10 +183,16 @@ def table_path() -> pathlib.Path:
     cache shared by machines or containers of other sizes)."""
     context = [";".join(candidates()), os.environ.get("XLA_FLAGS", ""),
                str(jax.device_count()), str(_usable_cores())]
-    code = [pathlib.Path(m.__file__).read_bytes() for m in (dispatch, models)] + \
-        [pathlib.Path(__file__).read_bytes()]
-    key = _build_key(*code, *map(str.encode, context))
+    key = _build_key(*_python_code(), *map(str.encode, context))
     return cache_dir() / "kernels" / f"dispatch-{key}.json"
+
+
+@functools.cache
+def _python_code() -> tuple[bytes, ...]:
+    """The Python that calls and times the kernels, read once (table_path runs for
+    every layer traced)."""
+    return tuple(pathlib.Path(m.__file__).read_bytes() for m in (dispatch, models)) + \
+        (pathlib.Path(__file__).read_bytes(),)
 
 
 def _usable_cores() -> int:
@@ -234,12 +245,6 @@ def _try_build(tiles: str) -> ctypes.CDLL | Exception:
         return ctypes.cdll.LoadLibrary(str(library_path(tiles)))
     except (OSError, AttributeError, subprocess.CalledProcessError) as e:
         return e
-
-
-def kernel_choices() -> dict[str, str]:
-    """{layer shape: tile set or 'xla'} for every layer this process has dispatched, as
-    measured (see fvae/cpu/dispatch.py): what a run or a benchmark records."""
-    return dispatch.choices()
 
 
 def _choose(op: str, arrays, kernel_fn, xla_fn) -> str:
